@@ -52,10 +52,14 @@ def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
 
 def check_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> tuple[list[float], list[float]]:
     mean, std = [float(v) for v in mean], [float(v) for v in std]
+    if len(mean) == 1:
+        mean = mean * channels
+    if len(std) == 1:
+        std = std * channels
     if len(mean) != channels or len(std) != channels:
         raise VizpipeError(
-            f"dataset.mean {mean} and dataset.std {std} need one value per image channel ({channels}); "
-            "set them to lists of that length"
+            f"dataset.mean {mean} and dataset.std {std} need one value per image channel ({channels}) "
+            "or a single value for all channels"
         )
     if any(v <= 0 for v in std):
         raise VizpipeError(f"dataset.std {std} must be positive")

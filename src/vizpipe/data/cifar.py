@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vizpipe.data.base import ImageDataset, check_num_classes, resize_and_normalize
+from vizpipe.data.base import (
+    ImageDataset,
+    check_image_shape,
+    check_num_classes,
+    check_stats,
+    resize_and_normalize,
+)
 from vizpipe.errors import VizpipeError
 
 # (module, name) pairs that a CIFAR pickle may reference. Arrays pickled by
@@ -35,10 +41,14 @@ CIFAR100_MEAN = [0.5071, 0.4865, 0.4409]
 CIFAR100_STD = [0.2673, 0.2564, 0.2762]
 
 
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a dataset file")
+            raise _ForbiddenGlobal(f"global '{module}.{name}' is not allowed in a dataset file")
         if module.startswith("numpy.core.") and int(np.__version__.split(".")[0]) >= 2:
             module = "numpy._core." + module.removeprefix("numpy.core.")
         return super().find_class(module, name)
@@ -57,9 +67,9 @@ def load_cifar_batch(path: str | Path) -> dict:
     try:
         with path.open("rb") as handle:
             batch = _RestrictedUnpickler(io.BufferedReader(handle), encoding="bytes").load()
-    except pickle.UnpicklingError as error:
+    except _ForbiddenGlobal as error:
         raise VizpipeError(f"rejected CIFAR batch file {path}: {error}; use the original dataset files") from error
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
         raise VizpipeError(f"corrupt CIFAR batch file {path} ({error}); download the dataset again") from error
     if not isinstance(batch, dict):
         raise VizpipeError(f"corrupt CIFAR batch file {path}: expected a dict, found {type(batch).__name__}")
@@ -103,6 +113,7 @@ def _find_folder(data_path: str | None, subfolder: str, required: list[str], dat
 
 def _to_dataset(name, train, test, num_classes, image_shape, mean, std, max_train, max_test) -> ImageDataset:
     (x_train, y_train), (x_test, y_test) = train, test
+    mean, std = check_stats(mean, std, check_image_shape(image_shape)[0])
     if max_train is not None:
         x_train, y_train = x_train[:max_train], y_train[:max_train]
     if max_test is not None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vizpipe.data.base import ImageDataset, check_num_classes, resize_and_normalize
+from vizpipe.data.base import (
+    ImageDataset,
+    check_image_shape,
+    check_num_classes,
+    check_stats,
+    resize_and_normalize,
+)
 
 
 def digits(
@@ -23,6 +29,7 @@ def digits(
     before normalization.
     """
     check_num_classes("digits", num_classes, 10)
+    mean, std = check_stats(mean, std, check_image_shape(image_shape)[0])
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
