@@ -24,6 +24,7 @@ from vizpipe.analyses import (
     hessian_block_eigenvalues,
     loss_landscape,
 )
+from vizpipe.analyses.activation_maximization import count_channels
 from vizpipe.analyses.landscape import coordinates
 from vizpipe.analyses.modules import conv_layer_names, find_layer
 from vizpipe.data.base import ImageDataset, batches
@@ -181,7 +182,7 @@ def check_model_fits(model: nn.Module, dataset: ImageDataset, loss_fn, device: t
         raise VizpipeError(f"dataset {dataset.name} contains NaN or infinite inputs; clean the data first")
 
 
-def check_layers(cfg: DictConfig, model: nn.Module) -> None:
+def check_layers(cfg: DictConfig, model: nn.Module, image_shape: list[int], device: torch.device) -> None:
     """Fail on unknown layers before any training or analysis starts."""
     kernels = cfg.analysis.conv_kernels
     if kernels is not None and kernels.layers is not None:
@@ -189,12 +190,22 @@ def check_layers(cfg: DictConfig, model: nn.Module) -> None:
             find_layer(model, name, (nn.Conv2d,), "conv kernels")
     am = cfg.analysis.activation_maximization
     if am is not None:
-        for name in am.layers if am.layers is not None else conv_layer_names(model):
-            find_layer(model, name, purpose="activation maximization")
         if am.layers is None and not conv_layer_names(model):
             raise VizpipeError(
                 f"{type(model).__name__} has no convolution layer; set analysis.activation_maximization.layers"
             )
+        channels = parse_channels(am.channels)
+        for name in am.layers if am.layers is not None else conv_layer_names(model):
+            module = find_layer(model, name, purpose="activation maximization")
+            if channels is None:
+                continue
+            available = count_channels(model, module, image_shape, device)
+            bad = [c for c in channels if not 0 <= c < available]
+            if bad:
+                raise VizpipeError(
+                    f"channel(s) {bad} out of range for layer {name!r}, which has {available} channels "
+                    f"(0..{available - 1}); fix analysis.activation_maximization.channels"
+                )
 
 
 def _subset(x: torch.Tensor, y: torch.Tensor, max_samples: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,8 +272,8 @@ def run_job(cfg: DictConfig, run_dir: Path, run_name: str | None = None) -> JobS
         raise VizpipeError(f"model _target_ {cfg.model.get('_target_')} returned a {type(model).__name__}, expected a torch.nn.Module")
     model.to(device)
     loss_fn = _instantiate(cfg.loss, "loss")
-    check_layers(cfg, model)
     check_model_fits(model, dataset, loss_fn, device)
+    check_layers(cfg, model, dataset.image_shape, device)
 
     # 2. Tracking, then weights.
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)

@@ -111,8 +111,9 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
-def _count_channels(model: nn.Module, module: nn.Module, image_shape, device, dtype) -> int:
-    with torch.no_grad():
+def count_channels(model: nn.Module, module: nn.Module, image_shape, device, dtype=torch.float32) -> int:
+    """Return the size of dim 1 of ``module``'s output for one zero image of ``image_shape``."""
+    with frozen_eval(model), torch.no_grad():
         output = layer_output(model, module, torch.zeros((1, *image_shape), device=device, dtype=dtype))
     if output.dim() < 2:
         raise VizpipeError(f"layer output has shape {list(output.shape)}; it needs a channel dimension")
@@ -181,7 +182,7 @@ def activation_maximization(
     mean_t, std_t = mean_t.view(1, -1, 1, 1), std_t.view(1, -1, 1, 1)
 
     with frozen_eval(model):
-        available = _count_channels(model, module, image_shape, device, dtype)
+        available = count_channels(model, module, image_shape, device, dtype)
         channels = list(range(available)) if channels is None else [int(c) for c in channels]
         bad = [c for c in channels if not 0 <= c < available]
         if bad:

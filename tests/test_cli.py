@@ -1,0 +1,192 @@
+"""End-to-end runs of the real console scripts on digits, with a real MLflow SQLite store."""
+
+import pickle
+
+import h5py
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from vizpipe.data import digits
+from vizpipe.models import SmallCNN
+
+BASE = [
+    "weights.epochs=1",
+    "dataset.image_shape=[1,8,8]",
+    "evaluation.max_samples=200",
+    "figures.formats=[png]",
+    "progress=false",
+]
+FAST = [
+    *BASE,
+    "analysis.landscape.resolution=5",
+    "analysis.landscape.max_samples=100",
+    "analysis.hessian.max_iterations=10",
+    "analysis.activation_maximization.iterations=10",
+]
+
+
+def assert_clean_error(completed, *fragments):
+    assert completed.returncode != 0
+    assert "Traceback" not in completed.stderr, completed.stderr
+    error_lines = [line for line in completed.stderr.splitlines() if line.startswith("vizpipe: error:")]
+    assert len(error_lines) == 1, completed.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+@pytest.fixture(scope="module")
+def default_job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("job")
+    completed = run_cli([f"hydra.run.dir={root}/run", f"output_root={root}/outputs", *FAST], cwd=root)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return root, completed
+
+
+def test_results_file_holds_documented_datasets(default_job):
+    root, completed = default_job
+    path = root / "run" / "results.h5"
+    assert f"results: {path}" in completed.stdout
+    model = SmallCNN(input_channel=1, class_number=10)
+    names = [name for name, _ in model.named_parameters()]
+    with h5py.File(path, "r") as handle:
+        for key in ("schema_version", "vizpipe_version", "torch_version", "config_yaml", "weight_fingerprint"):
+            assert key in handle.attrs, key
+        assert handle["landscape/loss"].shape == (5, 5)
+        assert handle["landscape/accuracy"].shape == (5, 5)
+        assert handle["landscape/x"][()].tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0]
+        assert handle["landscape/y"].shape == (5,)
+        assert [n.decode() for n in handle["hessian/parameter_names"][()]] == names
+        assert handle["hessian/eigenvalues"].shape == (len(names),)
+        assert handle["activation_maximization/conv1/images"].shape == (16, 1, 8, 8)
+        assert handle["activation_maximization/conv2/activations"].shape == (32,)
+        assert handle["conv_kernels/conv1/weight"].shape == (16, 1, 3, 3)
+        assert handle["training/test_accuracy"].shape == (1,)
+        center = handle["landscape/loss"][2, 2]
+
+    # The stored center equals the test loss of the saved checkpoint, computed here from scratch.
+    model.load_state_dict(torch.load(root / "run" / "checkpoint.pt", weights_only=True))
+    model.eval()
+    dataset = digits(image_shape=[1, 8, 8])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(dataset.x_test[:100]), dataset.y_test[:100])
+    assert center == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_mlflow_store_holds_the_run(default_job):
+    root, _ = default_job
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'outputs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vizpipe")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["analysis.landscape.resolution"] == "5"
+    assert run.data.params["model._target_"] == "vizpipe.models.SmallCNN"
+    for metric in ("hessian/eigenvalue/conv1.weight", "landscape/center_loss", "test/accuracy",
+                   "activation_maximization/conv2/mean_final_activation"):
+        assert metric in run.data.metrics, metric
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+    assert {"results.h5", "figures", ".hydra"} <= artifacts
+    figures = {item.path for item in client.list_artifacts(run.info.run_id, "figures")}
+    assert "figures/landscape_contour.png" in figures
+
+
+def test_figures_written_and_rerendered_identically(default_job, tmp_path):
+    root, _ = default_job
+    figures = root / "run" / "figures"
+    for name in ("landscape_contour.png", "landscape_surface.png", "hessian_eigenvalues.png",
+                 "conv_kernels_conv1.png", "activation_maximization_conv2.png", "activation_maximization_conv2.gif"):
+        assert (figures / name).stat().st_size > 1000, name
+
+    first = run_cli([f"source={root / 'run'}", f"out_dir={tmp_path / 'a'}", "formats=[png,pdf]"], cwd=tmp_path, entry="vizpipe-figures")
+    second = run_cli([f"source={root / 'run' / 'results.h5'}", f"out_dir={tmp_path / 'b'}", "formats=[png,pdf]"], cwd=tmp_path, entry="vizpipe-figures")
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    written = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert "landscape_contour.pdf" in written
+    for name in written:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_multirun_over_noise_ranges_gives_two_runs(tmp_path):
+    completed = run_cli(
+        ["-m", f"hydra.sweep.dir={tmp_path}/sweep", f"output_root={tmp_path}/outputs", *BASE,
+         "weights.source=random", "analysis=[landscape]", "analysis.landscape.resolution=3",
+         "analysis.landscape.noise_range=1.0,0.1"],
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    ranges = []
+    for job in ("0", "1"):
+        with h5py.File(tmp_path / "sweep" / job / "results.h5", "r") as handle:
+            ranges.append(float(np.max(handle["landscape/x"][()])))
+    assert ranges == [1.0, 0.1]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("vizpipe").experiment_id])
+    assert sorted(r.data.params["analysis.landscape.noise_range"] for r in runs) == ["0.1", "1.0"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_unknown_layer_lists_valid_names(tmp_path):
+    completed = run_cli(
+        [f"hydra.run.dir={tmp_path}/run", f"output_root={tmp_path}/outputs", *BASE,
+         "analysis=[activation_maximization]", "analysis.activation_maximization.layers=[conv3]"],
+        cwd=tmp_path,
+    )
+    assert_clean_error(completed, "unknown layer 'conv3'", "conv1", "conv2")
+
+
+def test_channel_out_of_range(tmp_path):
+    completed = run_cli(
+        [f"hydra.run.dir={tmp_path}/run", f"output_root={tmp_path}/outputs", *BASE,
+         "analysis=[activation_maximization]", "analysis.activation_maximization.layers=[conv1]",
+         "analysis.activation_maximization.channels=[3,16]"],
+        cwd=tmp_path,
+    )
+    assert_clean_error(completed, "[16] out of range", "'conv1'", "16 channels")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists(), "the check must come before training"
+
+
+def test_missing_cifar_folder(tmp_path):
+    completed = run_cli(
+        [f"hydra.run.dir={tmp_path}/run", f"output_root={tmp_path}/outputs", "dataset=cifar10",
+         f"dataset.data_path={tmp_path}/no_such_folder", "analysis=[conv_kernels]"],
+        cwd=tmp_path,
+    )
+    assert_clean_error(completed, "CIFAR-10 folder not found", "no_such_folder", "dataset.data_path")
+
+
+def test_checkpoint_with_wrong_keys(tmp_path):
+    checkpoint = tmp_path / "renamed.pt"
+    state = SmallCNN(input_channel=1, class_number=10).state_dict()
+    state = {key.replace("fc2.", "classifier."): value for key, value in state.items()}
+    torch.save(state, checkpoint)
+    completed = run_cli(
+        [f"hydra.run.dir={tmp_path}/run", f"output_root={tmp_path}/outputs", *BASE,
+         "weights.source=checkpoint", f"weights.checkpoint={checkpoint}", "analysis=[conv_kernels]"],
+        cwd=tmp_path,
+    )
+    assert_clean_error(
+        completed, "does not fit SmallCNN", "missing keys: fc2.bias, fc2.weight", "unexpected keys: classifier.bias"
+    )
+
+
+def test_checkpoint_with_pickled_code_rejected(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    checkpoint = tmp_path / "evil.pt"
+    with open(checkpoint, "wb") as handle:
+        pickle.dump({"conv1.weight": Payload()}, handle)
+    torch.save({"weights": Payload()}, checkpoint)
+    completed = run_cli(
+        [f"hydra.run.dir={tmp_path}/run", f"output_root={tmp_path}/outputs", *BASE,
+         "weights.source=checkpoint", f"weights.checkpoint={checkpoint}", "analysis=[conv_kernels]"],
+        cwd=tmp_path,
+    )
+    assert_clean_error(completed, "rejected by weights_only loading")
+    assert "code ran" not in completed.stdout
