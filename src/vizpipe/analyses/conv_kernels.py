@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -41,8 +42,9 @@ def kernel_grid(weight: torch.Tensor, normalize: str = "tile", rgb: bool | None 
     """Lay out a conv weight [out, in, kH, kW] as an image grid with values in [0, 1].
 
     With ``rgb`` (default: when ``in == 3``) each output channel is one colour
-    tile, in a near-square grid; otherwise row ``i`` shows output channel ``i``
-    and column ``j`` its input channel ``j``. ``normalize="tile"`` maps each tile's
+    tile, in a near-square grid, and so is each grayscale kernel when ``in == 1``;
+    otherwise row ``i`` shows output channel ``i`` and column ``j`` its input
+    channel ``j``. ``normalize="tile"`` maps each tile's
     own min..max to 0..1 (shape, not scale); ``"grid"`` uses one symmetric range for
     the whole grid, so magnitudes compare across tiles and 0.5 is a zero weight.
     Padding between tiles is NaN so a renderer can draw it as background.
@@ -55,9 +57,10 @@ def kernel_grid(weight: torch.Tensor, normalize: str = "tile", rgb: bool | None 
     out_channels, in_channels, kh, kw = weight.shape
     rgb = in_channels == 3 if rgb is None else rgb
 
-    if rgb:
-        tiles = weight.permute(0, 2, 3, 1)  # [out, kH, kW, 3]
-        cols = int(torch.ceil(torch.sqrt(torch.tensor(float(out_channels)))).item())
+    if rgb or in_channels == 1:
+        # One tile per filter in a near-square grid (colour tiles for RGB inputs).
+        tiles = weight.permute(0, 2, 3, 1) if rgb else weight[:, 0]
+        cols = math.ceil(math.sqrt(out_channels))
         rows = -(-out_channels // cols)
         positions = [(i // cols, i % cols) for i in range(out_channels)]
     else:

@@ -163,12 +163,15 @@ def _kernels(results: Results, out: Path, formats, normalize_override) -> list[P
         scale = min(8.0 / max(width, 1), 8.0 / max(height, 1), 0.25)
         figure, axis = plt.subplots(figsize=(max(width * scale, 2.5), max(height * scale, 2.0)), constrained_layout=True)
         cmap = plt.get_cmap("gray" if normalize == "tile" else "RdBu_r").copy()
-        cmap.set_bad("white")
+        cmap.set_bad("#cfe0f0")  # padding between tiles, distinct from any weight value
         shown = np.where(np.isnan(grid), 1.0, grid) if rgb else np.ma.masked_invalid(grid)
         axis.imshow(shown, cmap=None if rgb else cmap, vmin=0, vmax=1, interpolation="nearest")
         axis.set_axis_off()
         out_channels, in_channels = weight.shape[:2]
-        layout = "one RGB tile per filter" if rgb else "rows: output channels, columns: input channels"
+        if rgb or in_channels == 1:
+            layout = "one tile per filter"
+        else:
+            layout = "rows: output channels, columns: input channels"
         axis.set_title(f"{layer} kernels [{out_channels}x{in_channels}x{weight.shape[2]}x{weight.shape[3]}], {layout}")
         written += save(figure, out, f"conv_kernels_{layer}", formats)
     return written
