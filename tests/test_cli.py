@@ -190,3 +190,53 @@ def test_checkpoint_with_pickled_code_rejected(tmp_path):
     )
     assert_clean_error(completed, "rejected by weights_only loading")
     assert "code ran" not in completed.stdout
+
+
+def test_unreachable_tracking_server_keeps_results(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a free port with nothing listening on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    completed = run_cli(
+        [f"hydra.run.dir={tmp_path}/run", f"output_root={tmp_path}/outputs", *BASE, "weights.source=random",
+         "analysis=[hessian]", "analysis.hessian.max_iterations=3", f"tracking.tracking_uri=http://127.0.0.1:{port}"],
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "MLflow start_run failed" in completed.stdout + completed.stderr
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as handle:
+        assert handle["hessian/eigenvalues"].shape == (12,)
+    assert (tmp_path / "run" / "figures" / "hessian_eigenvalues.png").exists()
+
+
+@pytest.mark.slow
+def test_default_job_as_in_make_demo(tmp_path):
+    completed = run_cli([f"hydra.run.dir={tmp_path}/run", f"output_root={tmp_path}/outputs"], cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as handle:
+        assert handle["training/test_accuracy"][-1] > 0.9
+        loss = handle["landscape/loss"][()]
+        center = loss[loss.shape[0] // 2, loss.shape[1] // 2]
+        assert center == loss.min(), "a trained model sits at the bottom of its landscape"
+        for layer in ("conv1", "conv2"):
+            activations = handle[f"activation_maximization/{layer}/activations"][()]
+            start = handle[f"activation_maximization/{layer}/start_activations"][()]
+            assert (activations > start).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["kernels_resnet8", "hessian_resnet8"])
+def test_resnet8_presets_run_on_digits(tmp_path, experiment):
+    completed = run_cli(
+        [f"hydra.run.dir={tmp_path}/run", f"output_root={tmp_path}/outputs", f"+experiment={experiment}",
+         "weights.epochs=1", "progress=false", "figures.formats=[png]"],
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as handle:
+        if experiment == "kernels_resnet8":
+            assert handle["conv_kernels/pre_conv/weight"].shape == (64, 3, 7, 7)
+        else:
+            assert handle["hessian/eigenvalues"].shape == (29,)
+            assert handle["hessian/converged"][()].all()

@@ -1,0 +1,144 @@
+"""Short training runs, checkpoint loading and weight fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vizpipe.analyses.evaluation import LossFn, evaluate
+from vizpipe.data.base import ImageDataset, batches, iterate_shuffled
+from vizpipe.errors import VizpipeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingHistory:
+    train_loss: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    test_accuracy: list[float] = field(default_factory=list)
+
+
+def train(
+    model: nn.Module,
+    dataset: ImageDataset,
+    loss_fn: LossFn,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> TrainingHistory:
+    """Train ``model`` with Adam for ``epochs`` epochs; log and return per-epoch metrics.
+
+    The training split is moved to ``device`` once and shuffled by a generator
+    seeded with ``seed``. The model is left in eval mode.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
+    test_batches = batches(dataset.x_test.to(device), dataset.y_test.to(device), 512)
+    history = TrainingHistory()
+    for epoch in tqdm(range(1, epochs + 1), desc="training", disable=None if progress else True, unit="epoch"):
+        model.train()
+        total, correct, count = 0.0, 0, 0
+        for inputs, targets in iterate_shuffled(x_train, y_train, batch_size, generator):
+            optimizer.zero_grad(set_to_none=True)
+            outputs = model(inputs)
+            loss = loss_fn(outputs, targets)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(inputs)
+            correct += int((outputs.argmax(dim=1) == targets).sum())
+            count += len(inputs)
+        model.eval()
+        _, test_accuracy, _ = evaluate(model, test_batches, loss_fn)
+        history.train_loss.append(total / count)
+        history.train_accuracy.append(correct / count)
+        history.test_accuracy.append(test_accuracy)
+        log.info(
+            "epoch %d/%d: train loss %.4f, train accuracy %.4f, test accuracy %.4f",
+            epoch, epochs, total / count, correct / count, test_accuracy,
+        )
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return history
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a state_dict file into ``model`` with ``torch.load(weights_only=True)``.
+
+    A dict that wraps the state_dict under ``"state_dict"`` or ``"model"`` is
+    accepted too. Raises ``VizpipeError`` for a missing, truncated or non-tensor
+    file and lists missing, unexpected and mis-shaped keys on a mismatch.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise VizpipeError(f"checkpoint not found: {path}; set weights.checkpoint to an existing state_dict file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise VizpipeError(
+            f"checkpoint {path} was rejected by weights_only loading ({first_line}); it holds objects other than "
+            "tensors, which could run code. Save the model with torch.save(model.state_dict(), path)"
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise VizpipeError(f"checkpoint {path} is truncated or not a PyTorch file ({error})") from error
+
+    if isinstance(state, dict):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise VizpipeError(
+            f"checkpoint {path} is not a state_dict (a dict of tensors); save it with torch.save(model.state_dict(), path)"
+        )
+
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = [
+        f"{key} {list(state[key].shape)} vs model {list(expected[key].shape)}"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_short_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_short_list(unexpected)}")
+        if mis_shaped:
+            parts.append(f"shape mismatch: {_short_list(mis_shaped)}")
+        raise VizpipeError(
+            f"checkpoint {path} does not fit {type(model).__name__} ({'; '.join(parts)}); "
+            "check that the model config matches the checkpoint"
+        )
+    model.load_state_dict(state)
+
+
+def _short_list(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def weight_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of the state_dict's names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{list(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()[:16]
