@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch import nn
 
 from vizpipe.analyses import activation_maximization
 from vizpipe.analyses.activation_maximization import channel_activation, layer_output

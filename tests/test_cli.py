@@ -7,8 +7,8 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
+
 from vizpipe.data import digits
 from vizpipe.models import SmallCNN
 

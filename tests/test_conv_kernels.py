@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from vizpipe.analyses import conv_kernels, kernel_grid
 from vizpipe.errors import VizpipeError

@@ -1,8 +1,8 @@
 import torch
+from conftest import TinyConvNet
 from torch import nn
 from torch.func import functional_call, hessian
 
-from conftest import TinyConvNet
 from vizpipe.analyses import hessian_block_eigenvalues
 from vizpipe.analyses.hessian import block_hvps
 

@@ -10,7 +10,17 @@ import vizpipe
 from vizpipe.analyses.modules import conv_layer_names
 from vizpipe.config import register_configs
 from vizpipe.errors import VizpipeError
-from vizpipe.models import MLP, cifar_resnet20, resnet4, resnet6, resnet8, resnet10, resnet18, resnet34, resnet50
+from vizpipe.models import (
+    MLP,
+    cifar_resnet20,
+    resnet4,
+    resnet6,
+    resnet8,
+    resnet10,
+    resnet18,
+    resnet34,
+    resnet50,
+)
 from vizpipe.runner import validate
 
 register_configs()

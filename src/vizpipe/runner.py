@@ -299,7 +299,7 @@ def run_job(cfg: DictConfig, run_dir: Path, run_name: str | None = None) -> JobS
             if options is None:
                 continue
             log.info("Running %s", name)
-            metrics = _run_analysis(name, options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path)
+            metrics = ANALYSIS_STEPS[name](options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path)
             summary.metrics.update(metrics)
             tracker.log_metrics(metrics)
             log.info("Finished %s", name)
@@ -335,58 +335,65 @@ def _render(results_path: Path, figures_dir: Path, formats: list[str]) -> list[P
     return figures
 
 
-def _run_analysis(name, options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path) -> dict[str, float]:
-    progress = cfg.progress
-    if name == "conv_kernels":
-        result = conv_kernels(model, list(options.layers) if options.layers is not None else None)
-        for group, datasets, attrs in records.conv_kernels_records(result, options.normalize):
-            store.write_group(results_path, group, datasets, attrs)
-        return {}
+def _run_conv_kernels(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path) -> dict[str, float]:
+    result = conv_kernels(model, list(options.layers) if options.layers is not None else None)
+    for group, datasets, attrs in records.conv_kernels_records(result, options.normalize):
+        store.write_group(results_path, group, datasets, attrs)
+    return {}
 
-    if name == "landscape":
-        x, y = _subset(x_eval, y_eval, options.max_samples)
-        noise_range = OmegaConf.to_object(options.noise_range) if OmegaConf.is_config(options.noise_range) else options.noise_range
-        result = loss_landscape(
-            model, batches(x, y, cfg.evaluation.batch_size), loss_fn, noise_range=noise_range,
-            resolution=options.resolution, normalization=options.normalization, ignore=options.ignore,
-            seed=cfg.seed, progress=progress,
+
+def _run_landscape(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path) -> dict[str, float]:
+    x, y = _subset(x_eval, y_eval, options.max_samples)
+    noise_range = OmegaConf.to_object(options.noise_range) if OmegaConf.is_config(options.noise_range) else options.noise_range
+    result = loss_landscape(
+        model, batches(x, y, cfg.evaluation.batch_size), loss_fn, noise_range=noise_range,
+        resolution=options.resolution, normalization=options.normalization, ignore=options.ignore,
+        seed=cfg.seed, progress=cfg.progress,
+    )
+    store.write_group(results_path, *records.landscape_record(result, options.log_scale, options.max_val))
+    diverged = int((~torch.isfinite(result.loss)).sum())
+    if diverged:
+        log.warning("Landscape: %d of %d points diverged (NaN or inf loss); they are stored as is", diverged, result.loss.numel())
+    return records.landscape_metrics(result)
+
+
+def _run_hessian(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path) -> dict[str, float]:
+    x, y = _subset(x_eval, y_eval, options.max_samples)
+    result = hessian_block_eigenvalues(
+        model, batches(x, y, cfg.evaluation.batch_size), loss_fn, method=options.method,
+        max_iterations=options.max_iterations, tol=options.tol,
+        include=list(options.include) if options.include is not None else None, seed=cfg.seed, progress=cfg.progress,
+    )
+    if result.skipped:
+        log.info("Hessian: skipped frozen parameters %s", ", ".join(result.skipped))
+    store.write_group(results_path, *records.hessian_record(result))
+    return records.hessian_metrics(result)
+
+
+def _run_activation_maximization(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path) -> dict[str, float]:
+    metrics = {}
+    layers = list(options.layers) if options.layers is not None else conv_layer_names(model)
+    channels = parse_channels(options.channels)
+    for layer in layers:
+        result = activation_maximization(
+            model, layer, dataset.image_shape, channels=channels, iterations=options.iterations,
+            lr=options.lr, tv_weight=options.tv_weight, weight_decay=options.weight_decay,
+            mean=dataset.mean, std=dataset.std, init_std=options.init_std, clamp=options.clamp,
+            frame_every=options.frame_every, batch_size=options.batch_size, seed=cfg.seed, progress=cfg.progress,
         )
-        store.write_group(results_path, *records.landscape_record(result, options.log_scale, options.max_val))
-        diverged = int((~torch.isfinite(result.loss)).sum())
-        if diverged:
-            log.warning("Landscape: %d of %d points diverged (NaN or inf loss); they are stored as is", diverged, result.loss.numel())
-        return records.landscape_metrics(result)
-
-    if name == "hessian":
-        x, y = _subset(x_eval, y_eval, options.max_samples)
-        result = hessian_block_eigenvalues(
-            model, batches(x, y, cfg.evaluation.batch_size), loss_fn, method=options.method,
-            max_iterations=options.max_iterations, tol=options.tol,
-            include=list(options.include) if options.include is not None else None, seed=cfg.seed, progress=progress,
+        store.write_group(results_path, *records.activation_maximization_record(result))
+        log.info(
+            "Activation maximization %s: %d channels, mean activation %.3g -> %.3g",
+            layer, len(result.channels), float(result.start_activations.mean()), float(result.final_activations.mean()),
         )
-        if result.skipped:
-            log.info("Hessian: skipped frozen parameters %s", ", ".join(result.skipped))
-        store.write_group(results_path, *records.hessian_record(result))
-        return records.hessian_metrics(result)
+        metrics.update(records.activation_maximization_metrics(result))
+    return metrics
 
-    if name == "activation_maximization":
-        metrics = {}
-        layers = list(options.layers) if options.layers is not None else conv_layer_names(model)
-        channels = parse_channels(options.channels)
-        for layer in layers:
-            result = activation_maximization(
-                model, layer, dataset.image_shape, channels=channels, iterations=options.iterations,
-                lr=options.lr, tv_weight=options.tv_weight, weight_decay=options.weight_decay,
-                mean=dataset.mean, std=dataset.std, init_std=options.init_std, clamp=options.clamp,
-                frame_every=options.frame_every, batch_size=options.batch_size, seed=cfg.seed, progress=progress,
-            )
-            store.write_group(results_path, *records.activation_maximization_record(result))
-            layer_metrics = records.activation_maximization_metrics(result)
-            log.info(
-                "Activation maximization %s: %d channels, mean activation %.3g -> %.3g",
-                layer, len(result.channels), float(result.start_activations.mean()), float(result.final_activations.mean()),
-            )
-            metrics.update(layer_metrics)
-        return metrics
-    raise AssertionError(f"unhandled analysis {name}")
 
+# Each step runs one analysis, writes its groups to results.h5 and returns its MLflow metrics.
+ANALYSIS_STEPS = {
+    "conv_kernels": _run_conv_kernels,
+    "landscape": _run_landscape,
+    "hessian": _run_hessian,
+    "activation_maximization": _run_activation_maximization,
+}

@@ -4,7 +4,10 @@ Each takes a model (and, where needed, evaluation batches and a loss function)
 and returns a result dataclass of tensors and metadata.
 """
 
-from vizpipe.analyses.activation_maximization import ActivationMaximizationResult, activation_maximization
+from vizpipe.analyses.activation_maximization import (
+    ActivationMaximizationResult,
+    activation_maximization,
+)
 from vizpipe.analyses.conv_kernels import ConvKernelsResult, conv_kernels, kernel_grid
 from vizpipe.analyses.hessian import HessianResult, hessian_block_eigenvalues
 from vizpipe.analyses.landscape import LandscapeResult, loss_landscape, random_direction
