@@ -48,7 +48,7 @@ def test_off_center_point_equals_weights_moved_by_hand(cnn_problem):
     a, b = result.x[j].item(), result.y[i].item()
     moved = copy.deepcopy(model).eval()
     with torch.no_grad():
-        for parameter, d1, d2 in zip(moved.parameters(), *result.directions):
+        for parameter, d1, d2 in zip(moved.parameters(), *result.directions.vectors):
             parameter.add_(a * d1 + b * d2)
         expected = float(loss_fn(moved(x), y))
     assert result.loss[i, j].item() == pytest.approx(expected, rel=1e-5)

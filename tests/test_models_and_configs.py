@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,12 @@ def test_presets_exist():
     "override, message",
     [
         ("analysis.landscape.resolution=0", "resolution"),
-        ("analysis.landscape.noise_range=[1,-1]", "minimum 1.0 must be below maximum -1.0"),
+        ("analysis.landscape.noise_range=[1,-1]", "the minimum 1 must be below the maximum -1"),
+        ("analysis.landscape.y_range=[0,0]", "y_range"),
+        ("analysis.landscape.dims=3", "dims 3"),
+        ("analysis.landscape.direction=target", "needs 2 file(s) in analysis.landscape.targets"),
+        ("analysis.landscape.direction=pca", "trajectory"),
+        ("analysis.landscape.direction=hessian", "direction 'hessian'"),
         ("analysis.landscape.noise_range=-2", "must be positive"),
         ("analysis.hessian.max_iterations=0", "max_iterations"),
         ("analysis.activation_maximization.iterations=0", "iterations"),
@@ -91,7 +97,7 @@ def test_presets_exist():
 def test_validate_rejects_bad_values(override, message):
     with initialize_config_module("vizpipe.conf", version_base="1.3"):
         cfg = compose("config", overrides=[override])
-    with pytest.raises(VizpipeError, match=message.replace("[", r"\[")):
+    with pytest.raises(VizpipeError, match=re.escape(message)):
         validate(cfg)
 
 

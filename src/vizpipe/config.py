@@ -46,11 +46,20 @@ class ConvKernelsConfig:
 
 @dataclass
 class LandscapeConfig:
-    noise_range: Any = 1.0  # r for [-r, r], or [min, max]
+    dims: int = 2  # 1: a line, 2: a plane
+    direction: str = "random"  # random | target | pca
+    noise_range: Any = 1.0  # x coordinates: r for [-r, r], or [min, max]
+    y_range: Any = None  # y coordinates (2D); None: same as noise_range
     resolution: int = 21  # points per axis
-    normalization: str = "filter"  # filter | layer | none
+    normalization: str = "filter"  # random directions: filter | layer | none
     ignore: str = "biasbn"  # biasbn | none
+    include_buffers: Optional[bool] = None  # move BatchNorm statistics; None: only for target directions
+    targets: Optional[List[str]] = None  # direction=target: 1 or 2 state_dict files
+    trajectory: Optional[List[str]] = None  # direction=pca: state_dict files or glob patterns, in training order
+    directions_from: Optional[str] = None  # reuse the directions stored in another results.h5 (or its run folder)
+    compile: Optional[bool] = None  # torch.compile the forward pass; None: when the grid is large
     max_samples: Optional[int] = None  # evaluation samples used per grid point
+    summary_radius: Optional[float] = None  # radius of the loss-increase metrics; None: a quarter of max |x|
     log_scale: bool = False  # rendering: plot log(loss)
     max_val: Optional[float] = None  # rendering: cap the colour scale (stored values stay raw)
 
@@ -116,6 +125,7 @@ class VizpipeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True  # tqdm progress bars (also off when stderr is not a terminal)
     output_root: str = "outputs"
+    overwrite: bool = False  # replace a results.h5 of another config in the run folder instead of failing
 
 
 @dataclass

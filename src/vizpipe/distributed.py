@@ -31,6 +31,8 @@ def initialize(device: torch.device) -> bool:
         return False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
         log.info("Joined process group: rank %d of %d (%s)", rank(), world_size(), backend)
     return True
@@ -61,11 +63,40 @@ def shard(count: int) -> range:
     return range(start, start + base + (1 if index < extra else 0))
 
 
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks in place and return it (unchanged for one process)."""
+    """Sum ``tensor`` over all ranks in place and return it (unchanged for one process).
+
+    CPU tensors are moved to the GPU and back when the backend is NCCL.
+    """
     if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        staged = tensor.to(_collective_device())
+        dist.all_reduce(staged, op=dist.ReduceOp.SUM)
+        tensor.copy_(staged)
     return tensor
+
+
+def broadcast(tensor: torch.Tensor, source: int = 0) -> torch.Tensor:
+    """Overwrite ``tensor`` on every rank with its value on rank ``source``, in place."""
+    if is_initialized():
+        staged = tensor.to(_collective_device())
+        dist.broadcast(staged, src=source)
+        tensor.copy_(staged)
+    return tensor
+
+
+def broadcast_module(module: torch.nn.Module, source: int = 0) -> None:
+    """Give every rank rank ``source``'s parameters and buffers."""
+    if not is_initialized():
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            broadcast(tensor, source)
 
 
 def barrier() -> None:

@@ -3,6 +3,10 @@ write results.h5, log to MLflow and render the figures."""
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import hashlib
+import json
 import logging
 import random
 import time
@@ -17,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vizpipe import records, store
+from vizpipe import distributed, records, store
 from vizpipe.analyses import (
     activation_maximization,
     conv_kernels,
@@ -25,18 +29,31 @@ from vizpipe.analyses import (
     loss_landscape,
 )
 from vizpipe.analyses.activation_maximization import count_channels
+from vizpipe.analyses.directions import (
+    Directions,
+    check_fits,
+    pca_directions,
+    random_directions,
+    state_entries,
+    target_directions,
+)
 from vizpipe.analyses.landscape import coordinates
 from vizpipe.analyses.modules import conv_layer_names, find_layer
 from vizpipe.data.base import ImageDataset, batches
 from vizpipe.errors import VizpipeError
-from vizpipe.render import render_results
+from vizpipe.render import render_results, resolve_results_path
 from vizpipe.tracking import Tracker
-from vizpipe.training import load_checkpoint, train, weight_fingerprint
+from vizpipe.training import load_checkpoint, read_state_dict, train, weight_fingerprint
 
 log = logging.getLogger("vizpipe")
 
 WEIGHT_SOURCES = ("random", "checkpoint", "train")
 ANALYSIS_ORDER = ("conv_kernels", "landscape", "hessian", "activation_maximization")
+# Analyses that split their work over torchrun ranks; the others run on rank 0 only.
+SHARDED_ANALYSES = ("landscape",)
+# Keys that change neither the computation nor the stored values: a run folder
+# written with other values of these is still resumed.
+CONFIG_HASH_EXCLUDED = ("progress", "tracking", "figures", "overwrite")
 
 
 @dataclass
@@ -78,19 +95,7 @@ def validate(cfg: DictConfig) -> None:
         require(analyses.conv_kernels.normalize in ("tile", "grid"),
                 f"invalid analysis.conv_kernels.normalize {analyses.conv_kernels.normalize!r}; use tile or grid")
     if analyses.landscape is not None:
-        land = analyses.landscape
-        noise_range = OmegaConf.to_object(land.noise_range) if OmegaConf.is_config(land.noise_range) else land.noise_range
-        if not isinstance(noise_range, (int, float)) or isinstance(noise_range, bool):
-            valid_pair = isinstance(noise_range, list) and len(noise_range) == 2 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in noise_range
-            )
-            require(valid_pair, f"invalid analysis.landscape.noise_range {noise_range!r}: give a number r or a pair [min, max]")
-        elif noise_range <= 0:
-            raise VizpipeError(f"invalid analysis.landscape.noise_range {noise_range}: a single value r must be positive")
-        coordinates(noise_range, land.resolution)  # checks min < max and resolution >= 1
-        require(land.normalization in ("filter", "layer", "none"),
-                f"invalid analysis.landscape.normalization {land.normalization!r}; use filter, layer or none")
-        require(land.ignore in ("biasbn", "none"), f"invalid analysis.landscape.ignore {land.ignore!r}; use biasbn or none")
+        _validate_landscape(analyses.landscape)
     if analyses.hessian is not None:
         hess = analyses.hessian
         require(hess.method in ("power_iteration", "lanczos"),
@@ -107,6 +112,48 @@ def validate(cfg: DictConfig) -> None:
         parse_channels(am.channels)
     for fmt in cfg.figures.formats:
         require(fmt in ("png", "pdf", "svg"), f"invalid figure format {fmt!r} in figures.formats; use png, pdf or svg")
+
+
+def _validate_range(value: Any, key: str) -> None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise VizpipeError(f"invalid {key} {value}: a single value r (for [-r, r]) must be positive")
+        return
+    valid_pair = isinstance(value, list) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
+    if not valid_pair:
+        raise VizpipeError(f"invalid {key} {value!r}: give a number r or a pair [min, max]")
+    if not value[0] < value[1]:
+        raise VizpipeError(f"invalid {key} {value}: the minimum {value[0]} must be below the maximum {value[1]}")
+
+
+def _validate_landscape(land: DictConfig) -> None:
+    prefix = "analysis.landscape"
+    if land.dims not in (1, 2):
+        raise VizpipeError(f"invalid {prefix}.dims {land.dims}: use 1 (a line) or 2 (a plane)")
+    if land.resolution < 1:
+        raise VizpipeError(f"invalid {prefix}.resolution {land.resolution}: it must be at least 1")
+    _validate_range(_plain(land.noise_range), f"{prefix}.noise_range")
+    if land.y_range is not None:
+        _validate_range(_plain(land.y_range), f"{prefix}.y_range")
+    if land.direction not in ("random", "target", "pca"):
+        raise VizpipeError(f"invalid {prefix}.direction {land.direction!r}; use random, target or pca")
+    if land.normalization not in ("filter", "layer", "none"):
+        raise VizpipeError(f"invalid {prefix}.normalization {land.normalization!r}; use filter, layer or none")
+    if land.ignore not in ("biasbn", "none"):
+        raise VizpipeError(f"invalid {prefix}.ignore {land.ignore!r}; use biasbn or none")
+    if land.directions_from:
+        return
+    if land.direction == "target":
+        count = len(land.targets or [])
+        if count != land.dims:
+            raise VizpipeError(
+                f"{prefix}.direction=target with dims={land.dims} needs {land.dims} file(s) in {prefix}.targets, "
+                f"got {count}"
+            )
+    if land.direction == "pca" and not land.trajectory:
+        raise VizpipeError(f"{prefix}.direction=pca needs {prefix}.trajectory: a list of checkpoints or glob patterns")
 
 
 def parse_channels(value: Any) -> list[int] | None:
@@ -212,8 +259,22 @@ def _subset(x: torch.Tensor, y: torch.Tensor, max_samples: int | None) -> tuple[
     return (x, y) if max_samples is None else (x[:max_samples], y[:max_samples])
 
 
-def prepare_weights(cfg: DictConfig, model: nn.Module, dataset: ImageDataset, loss_fn, device, run_dir: Path, results_path: Path):
-    """Initialize, load or train the model as ``cfg.weights`` says; return training metrics."""
+def prepare_weights(
+    cfg: DictConfig, model: nn.Module, dataset: ImageDataset, loss_fn, device, run_dir: Path, results_path: Path,
+    resuming: bool = False,
+) -> dict[str, float]:
+    """Initialize, load or train the model as ``cfg.weights`` says; return training metrics.
+
+    When resuming a run folder whose training finished, the saved
+    ``checkpoint.pt`` is loaded instead of training again. Under torchrun only
+    rank 0 trains; every rank then receives rank 0's weights.
+    """
+    metrics = _prepare_weights_on_rank(cfg, model, dataset, loss_fn, device, run_dir, results_path, resuming)
+    distributed.broadcast_module(model)
+    return metrics
+
+
+def _prepare_weights_on_rank(cfg, model, dataset, loss_fn, device, run_dir, results_path, resuming) -> dict[str, float]:
     weights = cfg.weights
     if weights.source == "checkpoint":
         log.info("Loading checkpoint %s", weights.checkpoint)
@@ -223,27 +284,105 @@ def prepare_weights(cfg: DictConfig, model: nn.Module, dataset: ImageDataset, lo
     if weights.source == "random":
         log.info("Using the seeded random initialization (seed %d)", cfg.seed)
         return {}
+    if not distributed.is_main():
+        return {}
+
+    checkpoint = run_dir / "checkpoint.pt"
+    if resuming and checkpoint.is_file():
+        attrs = store.read_group_attrs(results_path, "training")
+        if attrs is not None and attrs.get("complete"):
+            log.info("Resuming: loading the weights trained earlier from %s", checkpoint)
+            load_checkpoint(model, checkpoint)
+            model.to(device)
+            return json.loads(attrs.get("metrics_json", "{}"))
 
     log.info("Training %s on %s for %d epochs", type(model).__name__, dataset.name, weights.epochs)
     history = train(
         model, dataset, loss_fn, weights.epochs, weights.lr, weights.batch_size,
         weights.weight_decay, cfg.seed, device, cfg.progress,
     )
-    store.write_group(
-        results_path,
-        "training",
-        {"train_loss": history.train_loss, "train_accuracy": history.train_accuracy, "test_accuracy": history.test_accuracy},
-        {"epochs": weights.epochs, "lr": weights.lr, "batch_size": weights.batch_size, "optimizer": "Adam"},
-    )
-    if weights.save_checkpoint:
-        checkpoint = run_dir / "checkpoint.pt"
-        torch.save(model.state_dict(), checkpoint)
-        log.info("Saved the trained weights to %s", checkpoint)
-    return {
+    metrics = {
         "train/accuracy": history.train_accuracy[-1],
         "train/loss": history.train_loss[-1],
         "test/accuracy": history.test_accuracy[-1],
     }
+    if weights.save_checkpoint:
+        torch.save(model.state_dict(), checkpoint)
+        log.info("Saved the trained weights to %s", checkpoint)
+    store.write_group(
+        results_path,
+        "training",
+        {"train_loss": history.train_loss, "train_accuracy": history.train_accuracy, "test_accuracy": history.test_accuracy},
+        {
+            "epochs": weights.epochs, "lr": weights.lr, "batch_size": weights.batch_size, "optimizer": "Adam",
+            "complete": True, "metrics_json": json.dumps(metrics),
+        },
+    )
+    return metrics
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of the resolved config without the keys in ``CONFIG_HASH_EXCLUDED``."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in CONFIG_HASH_EXCLUDED:
+        container.pop(key, None)
+    text = json.dumps(container, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def open_results_file(cfg: DictConfig, path: Path, config_yaml: str, model_class: str, dataset_name: str) -> bool:
+    """Create results.h5, or keep an existing one of the same config; return True when resuming.
+
+    An existing file of another config (or one that cannot be read) is an
+    error unless ``overwrite=true``. Only rank 0 touches the file.
+    """
+    if not distributed.is_main():
+        return False
+    digest = config_hash(cfg)
+    if path.exists():
+        try:
+            stored = store.read_root_attrs(path).get("config_hash")
+        except (OSError, VizpipeError):
+            stored = None
+        if stored == digest:
+            log.info("Resuming the job in %s: finished analyses are kept", path.parent)
+            return True
+        if not cfg.overwrite:
+            raise VizpipeError(
+                f"{path} holds results of another config or cannot be read; use a new run folder, "
+                "or overwrite=true to replace it"
+            )
+        log.warning("Replacing %s (overwrite=true)", path)
+    store.create_results_file(
+        path, {"config_yaml": config_yaml, "config_hash": digest, "model_class": model_class, "dataset": dataset_name}
+    )
+    return False
+
+
+def check_fingerprint(model: nn.Module, results_path: Path, resuming: bool) -> None:
+    """Store the weight fingerprint; when resuming, require the weights of the interrupted run."""
+    if not distributed.is_main():
+        return
+    fingerprint = weight_fingerprint(model)
+    if resuming:
+        stored = store.read_root_attrs(results_path).get("weight_fingerprint")
+        if stored is not None and stored != fingerprint:
+            raise VizpipeError(
+                f"the model weights (fingerprint {fingerprint}) differ from those of the interrupted run in "
+                f"{results_path.parent} ({stored}); rerun in a new run folder"
+            )
+    store.write_root_attrs(results_path, {"weight_fingerprint": fingerprint})
+    log.info("Model weights fingerprint %s", fingerprint)
+
+
+def finished_metrics(results_path: Path, group: str) -> dict[str, float] | None:
+    """Return the stored metrics of ``group`` if it was completed by an earlier run, else None."""
+    if not distributed.is_main():
+        return None
+    attrs = store.read_group_attrs(results_path, group)
+    if attrs is None or attrs.get("complete") is not True:
+        return None
+    return json.loads(attrs.get("metrics_json", "{}"))
 
 
 def run_job(cfg: DictConfig, run_dir: Path, run_name: str | None = None) -> JobSummary:
@@ -251,14 +390,23 @@ def run_job(cfg: DictConfig, run_dir: Path, run_name: str | None = None) -> JobS
 
     Order matters for safety: the config and layers are checked before any
     training, results.h5 is written before anything is logged to MLflow, and the
-    MLflow run is ended as FAILED or KILLED when the job stops early.
+    MLflow run is ended as FAILED or KILLED when the job stops early. A run
+    folder whose results.h5 came from the same config is resumed: finished
+    analyses are kept and a partial landscape continues where it stopped.
     """
-    started = time.perf_counter()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    results_path = run_dir / "results.h5"
     validate(cfg)
     device = resolve_device(cfg.device)
+    distributed.initialize(device)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = store.FileLock(run_dir / "results.h5") if distributed.is_main() else contextlib.nullcontext()
+    with lock:
+        return _run_job(cfg, run_dir, run_name, device)
+
+
+def _run_job(cfg: DictConfig, run_dir: Path, run_name: str | None, device: torch.device) -> JobSummary:
+    started = time.perf_counter()
+    results_path = run_dir / "results.h5"
     seed_everything(cfg.seed)
 
     # 1. Data, model and loss, each checked before any work.
@@ -277,16 +425,14 @@ def run_job(cfg: DictConfig, run_dir: Path, run_name: str | None = None) -> JobS
 
     # 2. Tracking, then weights.
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment_name, cfg.output_root)
+    tracker = Tracker(cfg.tracking.enabled and distributed.is_main(), cfg.tracking.tracking_uri, cfg.tracking.experiment_name, cfg.output_root)
     tracker.start(cfg.tracking.run_name or run_name, OmegaConf.to_container(cfg, resolve=True), {"vizpipe.run_dir": str(run_dir.resolve())})
     summary = JobSummary(run_dir=run_dir, results_path=results_path, tracking_uri=tracker.uri, run_id=tracker.run_id)
     status = "FAILED"
     try:
-        store.create_results_file(results_path, {"config_yaml": config_yaml, "model_class": type(model).__name__, "dataset": dataset.name})
-        summary.metrics.update(prepare_weights(cfg, model, dataset, loss_fn, device, run_dir, results_path))
-        fingerprint = weight_fingerprint(model)
-        store.write_root_attrs(results_path, {"weight_fingerprint": fingerprint})
-        log.info("Model weights fingerprint %s", fingerprint)
+        resuming = open_results_file(cfg, results_path, config_yaml, type(model).__name__, dataset.name)
+        summary.metrics.update(prepare_weights(cfg, model, dataset, loss_fn, device, run_dir, results_path, resuming))
+        check_fingerprint(model, results_path, resuming)
 
         # 3. The evaluation set, on the device once.
         x_eval, y_eval = _subset(*dataset.split(cfg.evaluation.split), cfg.evaluation.max_samples)
@@ -298,14 +444,24 @@ def run_job(cfg: DictConfig, run_dir: Path, run_name: str | None = None) -> JobS
             options = cfg.analysis[name]
             if options is None:
                 continue
+            if not distributed.is_main() and name not in SHARDED_ANALYSES:
+                continue
+            stored = finished_metrics(results_path, name) if resuming else None
+            if stored is not None:
+                log.info("Skipping %s: its results are already complete in %s", name, results_path)
+                summary.metrics.update(stored)
+                tracker.log_metrics(stored)
+                continue
             log.info("Running %s", name)
             metrics = ANALYSIS_STEPS[name](options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path)
+            if distributed.is_main():
+                store.write_group_attrs(results_path, name, {"complete": True, "metrics_json": json.dumps(metrics)})
             summary.metrics.update(metrics)
             tracker.log_metrics(metrics)
             log.info("Finished %s", name)
 
         # 5. Figures and artifacts.
-        if cfg.figures.enabled:
+        if cfg.figures.enabled and distributed.is_main():
             summary.figures = _render(results_path, run_dir / "figures", list(cfg.figures.formats))
         tracker.log_metrics({k: v for k, v in summary.metrics.items() if k.startswith(("train/", "test/"))})
         tracker.log_artifact(results_path)
@@ -342,19 +498,120 @@ def _run_conv_kernels(options, cfg, model, dataset, loss_fn, x_eval, y_eval, res
     return {}
 
 
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+
+
+def expand_paths(patterns: list[str], what: str) -> list[str]:
+    """Expand glob patterns in order (each pattern's matches sorted); plain paths stay as given."""
+    paths = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(str(Path(pattern).expanduser())))
+            if not matches:
+                raise VizpipeError(f"{what}: no file matches {pattern!r}")
+            paths.extend(matches)
+        else:
+            paths.append(pattern)
+    return paths
+
+
+def landscape_directions(options, cfg: DictConfig, model: nn.Module) -> Directions:
+    """Build the directions the landscape config asks for (random, target, PCA, or from a results file)."""
+    if options.directions_from:
+        source = resolve_results_path(options.directions_from)
+        results = store.read_results(source)
+        if "landscape" not in results:
+            raise VizpipeError(f"{source} holds no landscape, so it has no directions to reuse")
+        directions = records.directions_from_group(results["landscape"], results.group_attrs["landscape"])
+        include_buffers = any(name not in dict(model.named_parameters()) for name in directions.names)
+        try:
+            check_fits(state_entries(model, include_buffers), directions, options.dims)
+        except VizpipeError as error:
+            raise VizpipeError(f"directions from {source}: {error}") from error
+        log.info("Reusing the %dD %s directions of %s", directions.dims, directions.kind, source)
+        return directions
+    if options.direction == "random":
+        return random_directions(
+            model, options.dims, cfg.seed, options.normalization, options.ignore, bool(options.include_buffers)
+        )
+    if options.direction == "target":
+        targets = [read_state_dict(path, "target checkpoint") for path in options.targets]
+        include_buffers = True if options.include_buffers is None else options.include_buffers
+        return target_directions(model, targets, include_buffers)
+    paths = expand_paths(list(options.trajectory), "analysis.landscape.trajectory")
+    log.info("PCA of a trajectory of %d checkpoints", len(paths))
+    states = [read_state_dict(path, "trajectory checkpoint") for path in paths]
+    return pca_directions(model, states, options.dims, options.ignore)
+
+
+def _resume_landscape(results_path: Path, shape: tuple[int, ...]):
+    """Return (directions, (loss, accuracy, done)) of an unfinished landscape in the file, or None."""
+    if not distributed.is_main():
+        return None
+    attrs = store.read_group_attrs(results_path, "landscape")
+    if attrs is None or attrs.get("complete") is True:
+        return None
+    results = store.read_results(results_path)
+    group = results["landscape"]
+    if tuple(np.shape(group["done"])) != shape:
+        return None
+    state = tuple(torch.from_numpy(np.asarray(group[key])) for key in ("loss", "accuracy", "done"))
+    return records.directions_from_group(group, attrs), state
+
+
+def _share_resume_state(state, shape: tuple[int, ...]):
+    """Give every torchrun rank rank 0's resume arrays (or None when rank 0 has none)."""
+    if distributed.world_size() == 1:
+        return state
+    flag = distributed.broadcast(torch.tensor([0 if state is None else 1]))
+    if int(flag) == 0:
+        return None
+    if state is None:
+        state = (torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.bool))
+    loss, accuracy, done = (t.clone() for t in state)
+    distributed.broadcast(loss.double())
+    distributed.broadcast(accuracy.double())
+    done_bytes = distributed.broadcast(done.to(torch.uint8))
+    return loss, accuracy, done_bytes.bool()
+
+
 def _run_landscape(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path) -> dict[str, float]:
     x, y = _subset(x_eval, y_eval, options.max_samples)
-    noise_range = OmegaConf.to_object(options.noise_range) if OmegaConf.is_config(options.noise_range) else options.noise_range
-    result = loss_landscape(
-        model, batches(x, y, cfg.evaluation.batch_size), loss_fn, noise_range=noise_range,
-        resolution=options.resolution, normalization=options.normalization, ignore=options.ignore,
-        seed=cfg.seed, progress=cfg.progress,
-    )
-    store.write_group(results_path, *records.landscape_record(result, options.log_scale, options.max_val))
-    diverged = int((~torch.isfinite(result.loss)).sum())
+    noise_range, y_range = _plain(options.noise_range), _plain(options.y_range)
+    xs = coordinates(noise_range, options.resolution)
+    ys = coordinates(noise_range if y_range is None else y_range, options.resolution) if options.dims == 2 else None
+    shape = (len(xs),) if ys is None else (len(ys), len(xs))
+    attrs = {
+        "log_scale": options.log_scale, "max_val": options.max_val, "normalization": options.normalization,
+        "ignore": options.ignore, "seed": cfg.seed, "dims": options.dims,
+    }
+
+    directions = landscape_directions(options, cfg, model)
+    resumed = _resume_landscape(results_path, shape)
+    state = None
+    if resumed is not None:
+        directions, state = resumed
+        log.info("Resuming the landscape: %d of %d points are done", int(state[2].sum()), state[2].numel())
+    elif distributed.is_main():
+        store.write_group(results_path, *records.landscape_skeleton(xs, ys, directions, {**attrs, "kind": directions.kind}))
+    state = _share_resume_state(state, shape)
+
+    writer = store.PointWriter(results_path, "landscape") if distributed.is_main() else contextlib.nullcontext()
+    with writer as point_writer:
+        result = loss_landscape(
+            model, batches(x, y, cfg.evaluation.batch_size), loss_fn, noise_range=noise_range,
+            resolution=options.resolution, dims=options.dims, y_range=y_range, directions=directions,
+            compile=options.compile, progress=cfg.progress, resume=state,
+            on_point=point_writer.write if point_writer is not None else None,
+        )
+    metrics = records.landscape_metrics(result, options.summary_radius)
+    if distributed.is_main():
+        store.write_group(results_path, *records.landscape_record(result, attrs, metrics))
+    diverged = int((result.done & ~torch.isfinite(result.loss)).sum())
     if diverged:
         log.warning("Landscape: %d of %d points diverged (NaN or inf loss); they are stored as is", diverged, result.loss.numel())
-    return records.landscape_metrics(result)
+    return metrics
 
 
 def _run_hessian(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path) -> dict[str, float]:

@@ -8,6 +8,10 @@ attributes. ``docs/hdf5-layout.md`` documents every name.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import fcntl
+import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,7 +55,9 @@ def create_results_file(path: str | Path, attrs: Mapping[str, Any]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as handle:
+    # libver="latest" lets a long analysis switch the file to SWMR mode, so
+    # vizpipe-figures can read it while the job is still writing.
+    with h5py.File(path, "w", libver="latest") as handle:
         handle.attrs["schema_version"] = SCHEMA_VERSION
         handle.attrs["vizpipe_version"] = __version__
         handle.attrs["torch_version"] = str(torch.__version__)
@@ -62,9 +68,17 @@ def create_results_file(path: str | Path, attrs: Mapping[str, Any]) -> Path:
 
 
 def write_root_attrs(path: str | Path, attrs: Mapping[str, Any]) -> None:
-    with h5py.File(path, "a") as handle:
+    with h5py.File(path, "a", libver="latest") as handle:
         for key, value in attrs.items():
             handle.attrs[key] = _attr_value(value)
+
+
+def write_group_attrs(path: str | Path, group: str, attrs: Mapping[str, Any]) -> None:
+    """Set attributes on ``group``, creating the group if it does not exist."""
+    with h5py.File(path, "a", libver="latest") as handle:
+        node = handle.require_group(group)
+        for key, value in attrs.items():
+            node.attrs[key] = _attr_value(value)
 
 
 def write_group(
@@ -79,7 +93,7 @@ def write_group(
     group of that name is replaced, so a rerun of one analysis overwrites only
     its own group. A nested mapping in ``datasets`` becomes a subgroup.
     """
-    with h5py.File(path, "a") as handle:
+    with h5py.File(path, "a", libver="latest") as handle:
         if group in handle:
             del handle[group]
         node = handle.create_group(group)
@@ -141,6 +155,114 @@ def _read_group(node: h5py.Group, results: Results, prefix: str) -> dict:
     return content
 
 
+def _open_for_reading(path: Path, attempts: int = 20) -> h5py.File:
+    """Open ``path`` read-only; retry for a few seconds while a writer briefly holds the lock."""
+    for attempt in range(attempts):
+        try:
+            return h5py.File(path, "r", swmr=True)
+        except OSError as error:
+            locked = "unable to lock file" in str(error) or getattr(error, "errno", None) == errno.EAGAIN
+            if not locked or attempt == attempts - 1:
+                raise
+            time.sleep(0.25)
+    raise AssertionError("unreachable")
+
+
+def read_group_attrs(path: str | Path, group: str) -> dict[str, Any] | None:
+    """Return the attributes of ``group``, or None if the file or the group does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with _open_for_reading(path) as handle:
+        if group not in handle:
+            return None
+        return {key: _decode(value) for key, value in handle[group].attrs.items()}
+
+
+def read_root_attrs(path: str | Path) -> dict[str, Any]:
+    with _open_for_reading(Path(path)) as handle:
+        return {key: _decode(value) for key, value in handle.attrs.items()}
+
+
+class PointWriter:
+    """Write grid points into existing datasets of ``group`` as they finish, in SWMR mode.
+
+    While the writer is open, readers can open the file with ``swmr=True`` (as
+    ``read_results`` does) and see every point flushed so far. The datasets
+    ``loss``, ``accuracy`` and ``done`` must exist in ``group`` beforehand. Data
+    are flushed at most every ``flush_every`` seconds and on exit.
+    """
+
+    def __init__(self, path: str | Path, group: str, flush_every: float = 2.0):
+        self.path = Path(path)
+        self.group = group
+        self.flush_every = flush_every
+        self._handle: h5py.File | None = None
+        self._last_flush = 0.0
+
+    def __enter__(self) -> PointWriter:
+        self._handle = h5py.File(self.path, "a", libver="latest")
+        node = self._handle[self.group]
+        self._loss, self._accuracy, self._done = node["loss"], node["accuracy"], node["done"]
+        self._handle.swmr_mode = True
+        self._last_flush = time.monotonic()
+        return self
+
+    def write(self, index: tuple[int, ...], loss: float, accuracy: float) -> None:
+        self._loss[index] = loss
+        self._accuracy[index] = accuracy
+        self._done[index] = True
+        if time.monotonic() - self._last_flush >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        for dataset in (self._loss, self._accuracy, self._done):
+            dataset.flush()
+        self._last_flush = time.monotonic()
+
+    def __exit__(self, *exc_info) -> None:
+        if self._handle is not None:
+            try:
+                self.flush()
+            finally:
+                self._handle.close()
+                self._handle = None
+
+
+class FileLock:
+    """An exclusive lock on ``<results file>.lock`` for the duration of a job.
+
+    A second job that points at the same run folder gets a ``VizpipeError``
+    instead of writing into the same results file. The kernel drops the lock
+    when the process dies, so a killed job never leaves a stale lock behind.
+    """
+
+    def __init__(self, results_path: str | Path):
+        self.path = Path(str(results_path) + ".lock")
+        self._descriptor: int | None = None
+
+    def __enter__(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            os.close(descriptor)
+            raise VizpipeError(
+                f"another vizpipe job is writing {self.path.parent}; wait for it to finish or use another run folder"
+            ) from error
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        self._descriptor = descriptor
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._descriptor is not None:
+            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+            os.close(self._descriptor)
+            self._descriptor = None
+
+
 def read_results(path: str | Path) -> Results:
     """Load a results file, checking that it is a vizpipe file this version can read.
 
@@ -151,7 +273,7 @@ def read_results(path: str | Path) -> Results:
     if not path.is_file():
         raise VizpipeError(f"results file not found: {path}")
     try:
-        handle = h5py.File(path, "r")
+        handle = _open_for_reading(path)
     except OSError as error:
         raise VizpipeError(f"cannot read {path} as HDF5 ({error}); is it a vizpipe results.h5?") from error
     with handle:

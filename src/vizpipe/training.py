@@ -75,26 +75,26 @@ def train(
     return history
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load a state_dict file into ``model`` with ``torch.load(weights_only=True)``.
+def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Read a state_dict file with ``torch.load(weights_only=True)`` on the CPU.
 
     A dict that wraps the state_dict under ``"state_dict"`` or ``"model"`` is
     accepted too. Raises ``VizpipeError`` for a missing, truncated or non-tensor
-    file and lists missing, unexpected and mis-shaped keys on a mismatch.
+    file; ``what`` names the file's role in the messages.
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise VizpipeError(f"checkpoint not found: {path}; set weights.checkpoint to an existing state_dict file")
+        raise VizpipeError(f"{what} not found: {path}; give the path of an existing state_dict file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         first_line = str(error).strip().splitlines()[0]
         raise VizpipeError(
-            f"checkpoint {path} was rejected by weights_only loading ({first_line}); it holds objects other than "
+            f"{what} {path} was rejected by weights_only loading ({first_line}); it holds objects other than "
             "tensors, which could run code. Save the model with torch.save(model.state_dict(), path)"
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise VizpipeError(f"checkpoint {path} is truncated or not a PyTorch file ({error})") from error
+        raise VizpipeError(f"{what} {path} is truncated or not a PyTorch file ({error})") from error
 
     if isinstance(state, dict):
         for wrapper in ("state_dict", "model"):
@@ -103,9 +103,18 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise VizpipeError(
-            f"checkpoint {path} is not a state_dict (a dict of tensors); save it with torch.save(model.state_dict(), path)"
+            f"{what} {path} is not a state_dict (a dict of tensors); save it with torch.save(model.state_dict(), path)"
         )
+    return state
 
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a state_dict file into ``model`` (see ``read_state_dict``).
+
+    Raises ``VizpipeError`` listing missing, unexpected and mis-shaped keys on a mismatch.
+    """
+    state = read_state_dict(path)
+    path = Path(path).expanduser()
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

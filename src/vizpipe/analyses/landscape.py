@@ -1,44 +1,65 @@
-"""Loss landscapes along filter-normalized random directions (Li et al. 2018,
-"Visualizing the Loss Landscape of Neural Nets")."""
+"""Loss landscapes: loss and accuracy on a 1D line or 2D plane through the weights
+(Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets"; Goodfellow et
+al. 2015 for linear interpolation)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vizpipe import distributed
+from vizpipe.analyses.directions import (
+    IGNORE_OPTIONS,
+    NORMALIZATIONS,
+    Directions,
+    _random_vector,
+    check_fits,
+    random_directions,
+    state_entries,
+)
 from vizpipe.analyses.evaluation import Batch, LossFn, evaluate
 from vizpipe.errors import VizpipeError
 
-NORMALIZATIONS = ("filter", "layer", "none")
-IGNORE_OPTIONS = ("biasbn", "none")
+log = logging.getLogger(__name__)
+
+# Compile the forward pass when a landscape needs at least this many
+# sample-forward passes (grid points x evaluation samples). torch.compile costs
+# a fixed 10-20 s on a 2-core CPU and pays off only on long runs.
+# NOTE: the threshold is an estimate from a few CPU runs, not a measured break-even.
+COMPILE_MIN_SAMPLE_PASSES = 2_000_000
 
 
 @dataclass
 class LandscapeResult:
-    """Loss and accuracy on a 2D grid through the weights.
+    """Loss and accuracy along one or two directions through the weights.
 
-    ``loss[i, j]`` and ``accuracy[i, j]`` are at ``theta + x[j] * d1 + y[i] * d2``
-    (float64, unclipped; NaN or inf where the model diverged). ``directions``
-    holds d1 and d2 as one tensor per parameter in ``parameter_names`` order.
+    For 2D, ``loss[i, j]`` and ``accuracy[i, j]`` are at
+    ``theta + x[j] * d1 + y[i] * d2``; for 1D, ``loss[j]`` is at ``theta + x[j] * d1``
+    and ``y`` is None. Values are float64 and unclipped, NaN or inf where the
+    model diverged. ``done`` marks the points evaluated (all, unless the run was
+    interrupted).
     """
 
     x: torch.Tensor
-    y: torch.Tensor
+    y: torch.Tensor | None
     loss: torch.Tensor
     accuracy: torch.Tensor
+    done: torch.Tensor
     base_loss: float
     base_accuracy: float
     num_samples: int
-    parameter_names: list[str]
-    directions: tuple[list[torch.Tensor], list[torch.Tensor]]
-    normalization: str
-    ignore: str
-    seed: int | None
+    directions: Directions
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return self.directions.names
 
 
 def random_direction(
@@ -47,53 +68,32 @@ def random_direction(
     normalization: str = "filter",
     ignore: str = "biasbn",
 ) -> list[torch.Tensor]:
-    """Draw a Gaussian direction with one tensor per parameter of ``model``.
+    """Draw one filter-normalized Gaussian direction over the model's parameters.
 
-    ``normalization="filter"`` rescales each output filter (slice along dim 0) of a
-    weight with 2 or more dims to the norm of the same filter in the model;
-    ``"layer"`` rescales whole tensors; ``"none"`` keeps the raw Gaussian. 1-D
-    tensors (biases, BatchNorm) get a zero direction with ``ignore="biasbn"``, and
-    a copy of their own values otherwise, as in Li et al.'s code. Directions are
-    drawn on the CPU from ``generator``, so a seed gives the same direction on any
-    device.
+    See ``vizpipe.analyses.directions.random_directions`` for the scalings.
     """
     if normalization not in NORMALIZATIONS:
         raise VizpipeError(f"invalid direction normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
     if ignore not in IGNORE_OPTIONS:
         raise VizpipeError(f"invalid ignore option {ignore!r}; use one of {', '.join(IGNORE_OPTIONS)}")
-    direction = []
-    for parameter in model.parameters():
-        weight = parameter.detach()
-        noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32).to(weight)
-        if weight.dim() <= 1:
-            noise = torch.zeros_like(weight) if ignore == "biasbn" else weight.clone()
-        elif normalization == "filter":
-            weight_norms = weight.flatten(1).norm(dim=1)
-            noise_norms = noise.flatten(1).norm(dim=1)
-            scale = weight_norms / (noise_norms + 1e-10)
-            noise = noise * scale.view(-1, *[1] * (weight.dim() - 1))
-        elif normalization == "layer":
-            noise = noise * (weight.norm() / (noise.norm() + 1e-10))
-        direction.append(noise)
-    return direction
+    return _random_vector(state_entries(model), generator, normalization, ignore)
 
 
 @contextmanager
-def restored_weights(model: nn.Module):
-    """Yield the model's parameters and a copy of their values; restore both on exit.
+def restored_state(model: nn.Module, tensors: list[torch.Tensor]):
+    """Save ``tensors`` (parameters or buffers of ``model``) and restore them bit-exactly on exit.
 
-    Exiting (normally, by an exception or by KeyboardInterrupt) copies the saved
-    values back bit-exactly and restores the model's train/eval mode.
+    Exiting normally, by an exception or by KeyboardInterrupt copies the saved
+    values back and restores the model's train/eval mode.
     """
-    parameters = list(model.parameters())
-    saved = [p.detach().clone() for p in parameters]
+    saved = [t.detach().clone() for t in tensors]
     was_training = model.training
     try:
-        yield parameters, saved
+        yield saved
     finally:
         with torch.no_grad():
-            for parameter, value in zip(parameters, saved):
-                parameter.copy_(value)
+            for tensor, value in zip(tensors, saved):
+                tensor.copy_(value)
         model.train(was_training)
 
 
@@ -115,30 +115,55 @@ def coordinates(noise_range: float | tuple[float, float], resolution: int) -> to
     return torch.linspace(low, high, resolution, dtype=torch.float64)
 
 
+def _as_directions(model: nn.Module, directions) -> Directions:
+    if isinstance(directions, Directions):
+        return directions
+    vectors = [list(vector) for vector in directions]  # a tuple of per-parameter lists
+    return Directions([name for name, _ in model.named_parameters()], vectors, "custom")
+
+
 def loss_landscape(
     model: nn.Module,
     batches: Iterable[Batch],
     loss_fn: LossFn,
     noise_range: float | tuple[float, float] = 1.0,
     resolution: int = 21,
-    directions: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    dims: int = 2,
+    y_range: float | tuple[float, float] | None = None,
+    directions: Directions | tuple[list[torch.Tensor], ...] | None = None,
     normalization: str = "filter",
     ignore: str = "biasbn",
-    seed: int | None = 0,
+    include_buffers: bool = False,
+    seed: int = 0,
+    compile: bool | None = False,
     progress: bool = True,
-    on_row: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    resume: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    on_point: Callable[[tuple[int, ...], float, float], None] | None = None,
 ) -> LandscapeResult:
-    """Evaluate loss and accuracy on a ``resolution`` x ``resolution`` grid through the weights.
+    """Evaluate loss and accuracy on a line (``dims=1``) or plane (``dims=2``) through the weights.
 
     Args:
-        model: evaluated in eval mode; its weights are moved in place and restored
-            bit-exactly afterwards, also when an exception interrupts the loop.
+        model: evaluated in eval mode; its parameters (and buffers, if the
+            directions move them) are set in place per point and restored
+            bit-exactly afterwards, also when an exception or Ctrl-C stops the loop.
         batches: evaluation (inputs, targets) batches, already on the model's device.
-        loss_fn: mean-reduced loss, e.g. ``nn.CrossEntropyLoss()``.
-        noise_range: coordinate range of both axes, ``r`` for ``[-r, r]`` or ``[min, max]``.
+        loss_fn: mean-reduced loss, e.g. ``nn.CrossEntropyLoss()``; the landscape
+            weights each batch by its size.
+        noise_range: x coordinates, ``r`` for ``[-r, r]`` or ``[min, max]``;
+            ``y_range`` likewise for y (default: the same).
         resolution: points per axis.
-        directions: two directions as from ``random_direction``; drawn from ``seed`` if None.
-        on_row: called as ``on_row(i, loss[i], accuracy[i])`` after each finished row.
+        directions: a ``Directions`` (random, target or PCA), or a tuple of
+            per-parameter tensor lists; default: ``dims`` random directions from
+            ``seed`` with ``normalization``, ``ignore`` and ``include_buffers``.
+        compile: ``True`` compiles the forward pass with ``torch.compile``;
+            ``None`` decides by the amount of work; ``False`` (default) stays eager.
+        resume: (loss, accuracy, done) of an interrupted run; points marked done
+            are kept, not recomputed.
+        on_point: called as ``on_point(index, loss, accuracy)`` after each point
+            this process evaluates (``index`` is ``(j,)`` or ``(i, j)``).
+
+    Under ``torchrun`` each rank evaluates its share of the points and every rank
+    returns the full grid, equal to the single-process result.
 
     Example::
 
@@ -146,66 +171,105 @@ def loss_landscape(
         result.loss  # [11, 11] float64
     """
     batches = list(batches)
-    x = coordinates(noise_range, resolution)
-    y = x.clone()
-    names = [name for name, _ in model.named_parameters()]
+    if dims not in (1, 2):
+        raise VizpipeError(f"invalid landscape dims {dims}: use 1 or 2")
     if directions is None:
-        generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-        directions = (
-            random_direction(model, generator, normalization, ignore),
-            random_direction(model, generator, normalization, ignore),
-        )
-    _check_directions(model, directions)
-    parameters_now = list(model.parameters())
-    directions = tuple([d.to(p) for d, p in zip(direction, parameters_now)] for direction in directions)
+        directions = random_directions(model, dims, seed, normalization, ignore, include_buffers)
+    directions = _as_directions(model, directions)
+    include_buffers = any(name not in dict(model.named_parameters()) for name in directions.names)
+    entries = state_entries(model, include_buffers)
+    check_fits(entries, directions, dims)
+    tensors = [tensor for _, tensor in entries]
+    directions_on_device = directions.to(tensors)
 
-    loss = torch.full((len(y), len(x)), float("nan"), dtype=torch.float64)
-    accuracy = torch.full_like(loss, float("nan"))
-    with restored_weights(model) as (parameters, base):
+    x = coordinates(noise_range, resolution)
+    y = coordinates(noise_range if y_range is None else y_range, resolution) if dims == 2 else None
+    shape = (len(x),) if dims == 1 else (len(y), len(x))
+    loss = torch.full(shape, float("nan"), dtype=torch.float64)
+    accuracy = torch.full(shape, float("nan"), dtype=torch.float64)
+    done = torch.zeros(shape, dtype=torch.bool)
+    if resume is not None:
+        previous_loss, previous_accuracy, previous_done = resume
+        if tuple(previous_done.shape) != shape:
+            raise VizpipeError(f"cannot resume a landscape of shape {list(previous_done.shape)} as {list(shape)}")
+        loss[previous_done] = previous_loss[previous_done].double()
+        accuracy[previous_done] = previous_accuracy[previous_done].double()
+        done |= previous_done.bool()
+
+    all_points = list(_grid_points(shape))
+    mine = [all_points[k] for k in distributed.shard(len(all_points))]
+    todo = [index for index in mine if not done[index]]
+    num_samples = sum(inputs.shape[0] for inputs, _ in batches)
+    if compile is None:
+        compile = len(todo) * num_samples >= COMPILE_MIN_SAMPLE_PASSES
+    forward = torch.compile(model) if compile else model
+
+    with restored_state(model, tensors) as base:
         model.eval()
         base_loss, base_accuracy, count = evaluate(model, batches, loss_fn)
-        bar = tqdm(total=loss.numel(), desc="loss landscape", disable=None if progress else True, unit="point")
+        bar = tqdm(
+            total=len(mine), initial=len(mine) - len(todo), desc="loss landscape",
+            disable=None if progress else True, unit="point",
+        )
+        local_loss = torch.zeros(shape, dtype=torch.float64)
+        local_accuracy = torch.zeros(shape, dtype=torch.float64)
+        local_done = torch.zeros(shape, dtype=torch.bool)
         try:
-            for i, b in enumerate(y.tolist()):
-                for j, a in enumerate(x.tolist()):
-                    with torch.no_grad():
-                        for parameter, origin, d1, d2 in zip(parameters, base, *directions):
-                            torch.add(origin, d1, alpha=a, out=parameter)
-                            parameter.add_(d2, alpha=b)
-                    loss[i, j], accuracy[i, j], _ = evaluate(model, batches, loss_fn)
-                    bar.update()
-                if on_row is not None:
-                    on_row(i, loss[i], accuracy[i])
+            for index in todo:
+                _move(tensors, base, directions_on_device.vectors, _point_coordinates(index, x, y))
+                point_loss, point_accuracy, _ = evaluate(forward, batches, loss_fn)
+                local_loss[index], local_accuracy[index], local_done[index] = point_loss, point_accuracy, True
+                if on_point is not None:
+                    on_point(index, point_loss, point_accuracy)
+                bar.update()
         finally:
             bar.close()
+
+    if distributed.world_size() > 1:
+        distributed.all_reduce_sum(local_loss)
+        distributed.all_reduce_sum(local_accuracy)
+        counts = distributed.all_reduce_sum(local_done.to(torch.int32))
+        local_done = counts > 0
+    loss[local_done] = local_loss[local_done]
+    accuracy[local_done] = local_accuracy[local_done]
+    done |= local_done
 
     return LandscapeResult(
         x=x,
         y=y,
         loss=loss,
         accuracy=accuracy,
+        done=done,
         base_loss=base_loss,
         base_accuracy=base_accuracy,
         num_samples=count,
-        parameter_names=names,
-        directions=(
-            [d.detach().cpu() for d in directions[0]],
-            [d.detach().cpu() for d in directions[1]],
+        directions=Directions(
+            directions.names, [[d.detach().cpu() for d in v] for v in directions.vectors],
+            directions.kind, directions.extras,
         ),
-        normalization=normalization,
-        ignore=ignore,
-        seed=seed,
+        settings={"dims": dims, "normalization": normalization, "ignore": ignore, "seed": seed, "compiled": bool(compile)},
     )
 
 
-def _check_directions(model: nn.Module, directions) -> None:
-    shapes = [tuple(p.shape) for p in model.parameters()]
-    if len(directions) != 2:
-        raise VizpipeError(f"a 2D landscape needs 2 directions, got {len(directions)}")
-    for index, direction in enumerate(directions):
-        got = [tuple(d.shape) for d in direction]
-        if got != shapes:
-            raise VizpipeError(
-                f"direction {index + 1} does not fit the model: {len(got)} tensors for {len(shapes)} "
-                "parameters, or different shapes; draw directions from this model"
-            )
+def _grid_points(shape: tuple[int, ...]):
+    if len(shape) == 1:
+        for j in range(shape[0]):
+            yield (j,)
+    else:
+        for i in range(shape[0]):
+            for j in range(shape[1]):
+                yield (i, j)
+
+
+def _point_coordinates(index: tuple[int, ...], x: torch.Tensor, y: torch.Tensor | None) -> list[float]:
+    if len(index) == 1:
+        return [float(x[index[0]])]
+    return [float(x[index[1]]), float(y[index[0]])]
+
+
+@torch.no_grad()
+def _move(tensors: list[torch.Tensor], base: list[torch.Tensor], vectors: list[list[torch.Tensor]], amounts: list[float]) -> None:
+    """Set ``tensors = base + sum_k amounts[k] * vectors[k]`` in place."""
+    torch._foreach_copy_(tensors, base)
+    for vector, amount in zip(vectors, amounts):
+        torch._foreach_add_(tensors, vector, alpha=amount)
