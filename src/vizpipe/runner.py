@@ -346,6 +346,8 @@ def open_results_file(cfg: DictConfig, path: Path, config_yaml: str, model_class
             stored = None
         if stored == digest:
             log.info("Resuming the job in %s: finished analyses are kept", path.parent)
+            if store.recover_after_crash(path):
+                log.info("Recovered %s after its writer was killed", path)
             return True
         if not cfg.overwrite:
             raise VizpipeError(

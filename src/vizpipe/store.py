@@ -179,6 +179,31 @@ def read_group_attrs(path: str | Path, group: str) -> dict[str, Any] | None:
         return {key: _decode(value) for key, value in handle[group].attrs.items()}
 
 
+def recover_after_crash(path: str | Path) -> bool:
+    """Make a results file writable again after its writer died in SWMR mode; return True if it was needed.
+
+    A process killed while writing in SWMR mode leaves a flag in the file's
+    superblock that stops any later writer (HDF5 ships ``h5clear`` for this).
+    Readers are not blocked, so the content is copied into a fresh file that
+    replaces the old one atomically; nothing that was flushed is lost.
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "a", libver="latest"):
+            return False
+    except OSError as error:
+        if "already open for write" not in str(error):
+            raise
+    temporary = path.with_name(path.name + ".recovered")
+    with _open_for_reading(path) as source, h5py.File(temporary, "w", libver="latest") as target:
+        for key, value in source.attrs.items():
+            target.attrs[key] = value
+        for name in source:
+            source.copy(source[name], target, name=name)
+    os.replace(temporary, path)
+    return True
+
+
 def read_root_attrs(path: str | Path) -> dict[str, Any]:
     with _open_for_reading(Path(path)) as handle:
         return {key: _decode(value) for key, value in handle.attrs.items()}

@@ -1,0 +1,123 @@
+"""Landscape jobs through the real CLI: resume after kill -9, direction reuse, torchrun."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+LANDSCAPE = [
+    "weights.source=random",
+    "dataset.image_shape=[1,16,16]",
+    "analysis=[landscape]",
+    "analysis.landscape.resolution=15",
+    "tracking.enabled=false",
+    "figures.enabled=false",
+    "progress=false",
+]
+
+
+def done_points(path: Path) -> int:
+    try:
+        with h5py.File(path, "r", swmr=True) as handle:
+            return int(handle["landscape/done"][()].sum()) if "landscape/done" in handle else 0
+    except (OSError, KeyError):
+        return 0
+
+
+def test_killed_landscape_resumes_to_identical_values(tmp_path):
+    reference = run_cli([f"hydra.run.dir={tmp_path}/reference", *LANDSCAPE], cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    run_dir = tmp_path / "killed"
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    command = [str(Path(sys.executable).parent / "vizpipe"), f"hydra.run.dir={run_dir}", *LANDSCAPE]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while done_points(run_dir / "results.h5") < 20 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the job ended before it could be killed; raise the resolution"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = done_points(run_dir / "results.h5")
+    assert 20 <= partial < 225
+
+    resumed = run_cli([f"hydra.run.dir={run_dir}", *LANDSCAPE], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resuming the landscape" in resumed.stdout + resumed.stderr
+    with h5py.File(tmp_path / "reference" / "results.h5") as first, h5py.File(run_dir / "results.h5") as second:
+        np.testing.assert_array_equal(first["landscape/loss"][()], second["landscape/loss"][()])
+        np.testing.assert_array_equal(first["landscape/accuracy"][()], second["landscape/accuracy"][()])
+        assert second["landscape/done"][()].all()
+        assert second["landscape"].attrs["complete"]
+
+
+def test_other_config_on_same_folder_is_rejected(tmp_path):
+    first = run_cli([f"hydra.run.dir={tmp_path}/run", *LANDSCAPE[:-4], "analysis.landscape.resolution=3",
+                     "tracking.enabled=false", "figures.enabled=false"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run_cli([f"hydra.run.dir={tmp_path}/run", *LANDSCAPE[:-4], "analysis.landscape.resolution=5",
+                      "tracking.enabled=false", "figures.enabled=false"], cwd=tmp_path)
+    assert second.returncode != 0
+    assert "holds results of another config" in second.stderr
+    assert "overwrite=true" in second.stderr
+    with h5py.File(tmp_path / "run" / "results.h5") as handle:
+        assert handle["landscape/loss"].shape == (3, 3), "the first job's results must survive"
+
+
+def test_directions_reused_across_jobs(tmp_path):
+    wide = run_cli([f"hydra.run.dir={tmp_path}/wide", *LANDSCAPE, "analysis.landscape.resolution=3"], cwd=tmp_path)
+    assert wide.returncode == 0, wide.stderr[-2000:]
+    narrow = run_cli(
+        [f"hydra.run.dir={tmp_path}/narrow", *LANDSCAPE, "analysis.landscape.resolution=3",
+         "analysis.landscape.noise_range=0.1", f"analysis.landscape.directions_from={tmp_path}/wide"],
+        cwd=tmp_path,
+    )
+    assert narrow.returncode == 0, narrow.stderr[-2000:]
+    with h5py.File(tmp_path / "wide" / "results.h5") as first, h5py.File(tmp_path / "narrow" / "results.h5") as second:
+        for name in first["landscape/direction_1"]:
+            np.testing.assert_array_equal(first["landscape/direction_1"][name][()], second["landscape/direction_1"][name][()])
+            np.testing.assert_array_equal(first["landscape/direction_2"][name][()], second["landscape/direction_2"][name][()])
+        assert second["landscape/x"][()].max() == pytest.approx(0.1)
+
+    line = run_cli(
+        [f"hydra.run.dir={tmp_path}/line", *LANDSCAPE, "analysis.landscape.dims=1",
+         f"analysis.landscape.directions_from={tmp_path}/wide"],
+        cwd=tmp_path,
+    )
+    assert line.returncode != 0
+    assert "directions are 2D but the landscape is 1D" in line.stderr
+    assert "Traceback" not in line.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(tmp_path):
+    options = [*LANDSCAPE, "analysis.landscape.resolution=7"]
+    single = run_cli([f"hydra.run.dir={tmp_path}/single", *options], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", OMP_NUM_THREADS="1")
+    completed = subprocess.run(
+        [str(torchrun), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "-m", "vizpipe", f"hydra.run.dir={tmp_path}/ranks", *options],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    with h5py.File(tmp_path / "single" / "results.h5") as first, h5py.File(tmp_path / "ranks" / "results.h5") as second:
+        np.testing.assert_array_equal(first["landscape/loss"][()], second["landscape/loss"][()])
+        np.testing.assert_array_equal(first["landscape/accuracy"][()], second["landscape/accuracy"][()])
