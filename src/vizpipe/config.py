@@ -29,6 +29,7 @@ class WeightsConfig:
     batch_size: int = 64
     weight_decay: float = 0.0
     save_checkpoint: bool = True  # write checkpoint.pt into the run folder after training
+    save_every_epoch: bool = False  # also write checkpoints/epoch_NNN.pt after each epoch (a trajectory for PCA)
 
 
 @dataclass

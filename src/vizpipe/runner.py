@@ -297,9 +297,17 @@ def _prepare_weights_on_rank(cfg, model, dataset, loss_fn, device, run_dir, resu
             return json.loads(attrs.get("metrics_json", "{}"))
 
     log.info("Training %s on %s for %d epochs", type(model).__name__, dataset.name, weights.epochs)
+    on_epoch_end = None
+    if weights.save_every_epoch:
+        trajectory_dir = run_dir / "checkpoints"
+        trajectory_dir.mkdir(exist_ok=True)
+
+        def on_epoch_end(epoch: int, trained: nn.Module) -> None:
+            torch.save(trained.state_dict(), trajectory_dir / f"epoch_{epoch:03d}.pt")
+
     history = train(
         model, dataset, loss_fn, weights.epochs, weights.lr, weights.batch_size,
-        weights.weight_decay, cfg.seed, device, cfg.progress,
+        weights.weight_decay, cfg.seed, device, cfg.progress, on_epoch_end,
     )
     metrics = {
         "train/accuracy": history.train_accuracy[-1],

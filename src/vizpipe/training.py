@@ -6,6 +6,7 @@ import hashlib
 import logging
 import pickle
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,11 +39,13 @@ def train(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainingHistory:
     """Train ``model`` with Adam for ``epochs`` epochs; log and return per-epoch metrics.
 
     The training split is moved to ``device`` once and shuffled by a generator
-    seeded with ``seed``. The model is left in eval mode.
+    seeded with ``seed``. ``on_epoch_end(epoch, model)`` runs after each epoch's
+    evaluation (to save a trajectory, say). The model is left in eval mode.
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -70,6 +73,8 @@ def train(
             "epoch %d/%d: train loss %.4f, train accuracy %.4f, test accuracy %.4f",
             epoch, epochs, total / count, correct / count, test_accuracy,
         )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, model)
     model.zero_grad(set_to_none=True)
     model.eval()
     return history

@@ -27,8 +27,8 @@ def render_kernels(results: Results, out: Path, formats, normalize_override) -> 
         height, width = grid.shape[:2]
         scale = min(8.0 / max(width, 1), 8.0 / max(height, 1), 0.25)
         figure, axis = plt.subplots(figsize=(max(width * scale, 2.5), max(height * scale, 2.0)), constrained_layout=True)
-        cmap = plt.get_cmap("gray" if normalize == "tile" else "RdBu_r").copy()
-        cmap.set_bad("#cfe0f0")  # padding between tiles, distinct from any weight value
+        # Padding between tiles gets a colour distinct from any weight value.
+        cmap = plt.get_cmap("gray" if normalize == "tile" else "RdBu_r").with_extremes(bad="#cfe0f0")
         shown = np.where(np.isnan(grid), 1.0, grid) if rgb else np.ma.masked_invalid(grid)
         axis.imshow(shown, cmap=None if rgb else cmap, vmin=0, vmax=1, interpolation="nearest")
         axis.set_axis_off()
