@@ -19,6 +19,7 @@ LANDSCAPE = [
     "dataset.image_shape=[1,16,16]",
     "analysis=[landscape]",
     "analysis.landscape.resolution=15",
+    "analysis.landscape.compile=false",
     "tracking.enabled=false",
     "figures.enabled=false",
     "progress=false",
@@ -61,10 +62,10 @@ def test_killed_landscape_resumes_to_identical_values(tmp_path):
 
 
 def test_other_config_on_same_folder_is_rejected(tmp_path):
-    first = run_cli([f"hydra.run.dir={tmp_path}/run", *LANDSCAPE[:-4], "analysis.landscape.resolution=3",
+    first = run_cli([f"hydra.run.dir={tmp_path}/run", *LANDSCAPE[:3], "analysis.landscape.resolution=3",
                      "tracking.enabled=false", "figures.enabled=false"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
-    second = run_cli([f"hydra.run.dir={tmp_path}/run", *LANDSCAPE[:-4], "analysis.landscape.resolution=5",
+    second = run_cli([f"hydra.run.dir={tmp_path}/run", *LANDSCAPE[:3], "analysis.landscape.resolution=5",
                       "tracking.enabled=false", "figures.enabled=false"], cwd=tmp_path)
     assert second.returncode != 0
     assert "holds results of another config" in second.stderr
@@ -121,3 +122,30 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     with h5py.File(tmp_path / "single" / "results.h5") as first, h5py.File(tmp_path / "ranks" / "results.h5") as second:
         np.testing.assert_array_equal(first["landscape/loss"][()], second["landscape/loss"][()])
         np.testing.assert_array_equal(first["landscape/accuracy"][()], second["landscape/accuracy"][()])
+
+
+@pytest.mark.parametrize("compile_option", ["false", pytest.param("true", marks=pytest.mark.slow)])
+def test_ctrl_c_stops_cleanly_and_keeps_partial_points(tmp_path, compile_option):
+    run_dir = tmp_path / "interrupted"
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    command = [str(Path(sys.executable).parent / "vizpipe"), f"hydra.run.dir={run_dir}", f"output_root={tmp_path}/outputs",
+               *LANDSCAPE[:4], f"analysis.landscape.compile={compile_option}", "figures.enabled=false", "progress=false"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while done_points(run_dir / "results.h5") < 10 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the job ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert "interrupted" in stderr and "to resume" in stderr
+    with h5py.File(run_dir / "results.h5", "r") as handle:
+        assert not handle["landscape"].attrs["complete"]
+        assert 10 <= handle["landscape/done"][()].sum() < 225
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("vizpipe").experiment_id])
+    assert [run.info.status for run in runs] == ["KILLED"]

@@ -44,6 +44,13 @@ def _run(cfg: DictConfig) -> None:
     except VizpipeError as error:
         _fail(error)
         return
+    except KeyboardInterrupt:
+        print(
+            f"vizpipe: interrupted; finished results are kept in {run_dir}. "
+            f"Rerun the same command with hydra.run.dir={run_dir} to resume.",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     print(f"results: {summary.results_path}")
     if summary.figures:
         print(f"figures: {run_dir / 'figures'} ({len(summary.figures)} files)")

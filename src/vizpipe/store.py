@@ -216,6 +216,10 @@ class PointWriter:
     ``read_results`` does) and see every point flushed so far. The datasets
     ``loss``, ``accuracy`` and ``done`` must exist in ``group`` beforehand. Data
     are flushed at most every ``flush_every`` seconds and on exit.
+
+    The file is opened at the first ``write``, not on entry: a process forked
+    while an HDF5 file is open (torch.compile's worker pool, say) writes its stale
+    copy back when it exits, so nothing may be open while the model compiles.
     """
 
     def __init__(self, path: str | Path, group: str, flush_every: float = 2.0):
@@ -226,14 +230,18 @@ class PointWriter:
         self._last_flush = 0.0
 
     def __enter__(self) -> PointWriter:
+        return self
+
+    def _open(self) -> None:
         self._handle = h5py.File(self.path, "a", libver="latest")
         node = self._handle[self.group]
         self._loss, self._accuracy, self._done = node["loss"], node["accuracy"], node["done"]
         self._handle.swmr_mode = True
         self._last_flush = time.monotonic()
-        return self
 
     def write(self, index: tuple[int, ...], loss: float, accuracy: float) -> None:
+        if self._handle is None:
+            self._open()
         self._loss[index] = loss
         self._accuracy[index] = accuracy
         self._done[index] = True
@@ -241,6 +249,8 @@ class PointWriter:
             self.flush()
 
     def flush(self) -> None:
+        if self._handle is None:
+            return
         for dataset in (self._loss, self._accuracy, self._done):
             dataset.flush()
         self._last_flush = time.monotonic()
