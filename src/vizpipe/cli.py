@@ -1,19 +1,27 @@
-"""Command-line entry points: ``vizpipe`` runs a job, ``vizpipe-figures`` renders one."""
+"""Command-line entry points: ``vizpipe`` runs a job, ``vizpipe-figures`` renders figures,
+``vizpipe-log`` logs finished run folders to MLflow."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vizpipe.config import register_configs
 from vizpipe.errors import VizpipeError
+from vizpipe.tracking import LOG_LATER_COMMAND, SweepInfo, Tracker, job_run_name
+
+if TYPE_CHECKING:
+    from vizpipe.runner import JobSummary
 
 log = logging.getLogger("vizpipe")
 
@@ -30,26 +38,72 @@ def _fail(error: VizpipeError) -> None:
     sys.exit(2)
 
 
+def _sweep_info(sweep_dir: Path, job_number: int, analyses: list[str], overrides: list[str]) -> SweepInfo:
+    """Describe a multirun job, with the sweep's overrides as typed (read from multirun.yaml when present)."""
+    sweep_dir = sweep_dir.resolve()
+    multirun_yaml = sweep_dir / "multirun.yaml"
+    if multirun_yaml.is_file():
+        overrides = list(OmegaConf.select(OmegaConf.load(multirun_yaml), "hydra.overrides.task", default=overrides))
+    overrides = [o for o in overrides if not o.startswith("hydra")]
+    swept = _swept_keys(overrides)
+    name = "sweep " + job_run_name(analyses, [o for o in overrides if _override_key(o) in swept])
+    return SweepInfo(sweep_dir=sweep_dir, job_number=job_number, overrides=overrides, swept_keys=swept, run_name=name)
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _swept_keys(overrides: list[str]) -> set[str]:
+    """Return the keys that a sweep varies (``key=a,b``, ``range()``, ``choice()``, ``glob()``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return {override.key_or_group for override in parsed if override.is_sweep_override()}
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _run(cfg: DictConfig) -> None:
-    from vizpipe.runner import run_job
+    from vizpipe.runner import ANALYSIS_ORDER, run_job
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra")]
-    run_name = ",".join(overrides)[:200] or "default"
+    analyses = [name for name in ANALYSIS_ORDER if OmegaConf.select(cfg, f"analysis.{name}") is not None]
+    sweep = None
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep = _sweep_info(Path(hydra_cfg.sweep.dir), int(hydra_cfg.job.num), analyses, overrides)
+        # Name a sweep's child run by what varies across the sweep only.
+        overrides = [o for o in overrides if _override_key(o) in sweep.swept_keys]
+    run_name = job_run_name(analyses, overrides)
     log.info("Run folder: %s", run_dir)
     try:
-        summary = run_job(cfg, run_dir, run_name=run_name)
+        summary = run_job(cfg, run_dir, run_name=run_name, sweep=sweep)
     except VizpipeError as error:
         _fail(error)
         return
-    print(f"results: {summary.results_path}")
-    if summary.figures:
-        print(f"figures: {run_dir / 'figures'} ({len(summary.figures)} files)")
+    print(summary_table(summary))
     if summary.run_id:
-        print(f"mlflow run: {summary.run_id} in {summary.tracking_uri}")
         print(f"browse it with: mlflow ui --backend-store-uri {summary.tracking_uri}")
+
+
+def summary_table(summary: JobSummary) -> str:
+    """Format what a finished job computed and where it is, one ``label: value`` row per output."""
+    rows = [("status", f"{summary.status} in {summary.seconds:.1f} s")]
+    rows.append(("results", str(summary.results_path)))
+    if summary.figures:
+        rows.append((f"figures ({len(summary.figures)} files)", str(summary.run_dir / "figures")))
+    checkpoint = summary.run_dir / "checkpoint.pt"
+    if checkpoint.is_file():
+        rows.append(("checkpoint", str(checkpoint)))
+    for name, value in sorted(summary.metrics.items()):
+        if name.endswith(("center_loss", "max_eigenvalue", "test/accuracy")) or name.endswith("mean_final_activation"):
+            rows.append((name, f"{value:.6g}"))
+    if summary.run_id:
+        rows.append(("mlflow run", f"{summary.run_id} in {summary.tracking_uri}"))
+    else:
+        rows.append(("mlflow run", f"none; log it later with: {LOG_LATER_COMMAND} {summary.run_dir}"))
+    return "\n".join(f"{label}: {value}" for label, value in rows)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="figures")
@@ -65,6 +119,88 @@ def _figures(cfg: DictConfig) -> None:
         return
     for path in paths:
         print(path)
+
+
+def _log_job_folder(run_dir: Path, tracking_uri: str | None, experiment_name: str | None, sweep: SweepInfo | None) -> str | None:
+    """Log a finished run folder as a new MLflow run; return its run id, or None when tracking failed."""
+    from vizpipe.runner import JOB_RECORD
+
+    config_path = run_dir / ".hydra" / "config.yaml"
+    if not config_path.is_file():
+        raise VizpipeError(f"{config_path} not found; pass a vizpipe run folder (it holds .hydra/config.yaml and {JOB_RECORD})")
+    cfg = OmegaConf.load(config_path)
+    try:
+        params = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - interpolations of Hydra's own resolvers cannot be resolved outside a job
+        params = OmegaConf.to_container(cfg, resolve=False)
+    record_path = run_dir / JOB_RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    tracker = Tracker(
+        True,
+        tracking_uri or OmegaConf.select(cfg, "tracking.tracking_uri"),
+        experiment_name or OmegaConf.select(cfg, "tracking.experiment_name", default="vizpipe"),
+        OmegaConf.select(cfg, "output_root", default="outputs"),
+        run_dir,
+    )
+    tags = {"vizpipe.run_dir": str(run_dir.resolve()), "vizpipe.logged_later": "true"}
+    tracker.start(record.get("run_name") or run_dir.name, params, tags, sweep)
+    tracker.log_metrics(record.get("metrics", {}))
+    tracker.log_artifact(run_dir / "results.h5")
+    tracker.log_artifact(run_dir / "figures", "figures")
+    tracker.log_artifact(run_dir / ".hydra", ".hydra")
+    # A folder without a job record is a job that never reached its end.
+    tracker.end(record.get("status", "FAILED"), sweep)
+    if not tracker.enabled:
+        return None
+    print(f"{run_dir}: mlflow run {tracker.run_id} ({record.get('status', 'FAILED')}) in {tracker.uri}")
+    return tracker.run_id
+
+
+def _analyses_of(run_dir: Path) -> list[str]:
+    from vizpipe.runner import ANALYSIS_ORDER
+
+    config_path = run_dir / ".hydra" / "config.yaml"
+    if not config_path.is_file():
+        return []
+    cfg = OmegaConf.load(config_path)
+    return [name for name in ANALYSIS_ORDER if OmegaConf.select(cfg, f"analysis.{name}") is not None]
+
+
+def log_main(argv: list[str] | None = None) -> None:
+    """Entry point of ``vizpipe-log``: log finished run folders, or a whole multirun folder, to MLflow."""
+    parser = argparse.ArgumentParser(
+        prog=LOG_LATER_COMMAND,
+        description="Log a finished vizpipe run folder to MLflow, for jobs whose tracking server was unreachable. "
+        "A multirun folder (it holds multirun.yaml) becomes one parent run with a child run per job.",
+    )
+    parser.add_argument("folders", nargs="+", type=Path, help="run folders or multirun folders")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the job's tracking.tracking_uri, "
+                        "else $MLFLOW_TRACKING_URI, else sqlite:///<output_root>/mlflow.db)")
+    parser.add_argument("--experiment", help="MLflow experiment name (default: the job's tracking.experiment_name)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
+
+    failed = 0
+    try:
+        for folder in args.folders:
+            if not folder.is_dir():
+                raise VizpipeError(f"run folder not found: {folder}")
+            multirun_yaml = folder / "multirun.yaml"
+            if not multirun_yaml.is_file():
+                failed += _log_job_folder(folder, args.tracking_uri, args.experiment, None) is None
+                continue
+            jobs = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+            if not jobs:
+                raise VizpipeError(f"multirun folder {folder} has no job folders (0, 1, ...)")
+            for job in jobs:
+                sweep = _sweep_info(folder, int(job.name), _analyses_of(job), [])
+                failed += _log_job_folder(job, args.tracking_uri, args.experiment, sweep) is None
+    except VizpipeError as error:
+        print(f"{LOG_LATER_COMMAND}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if failed:
+        print(f"{LOG_LATER_COMMAND}: error: {failed} folder(s) could not be logged; see the warnings above", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:
