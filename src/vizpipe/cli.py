@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vizpipe.config import register_configs
 from vizpipe.errors import VizpipeError
-from vizpipe.tracking import LOG_LATER_COMMAND, SweepInfo, Tracker, job_run_name
+from vizpipe.tracking import LOG_LATER_COMMAND, SweepInfo, Tracker, find_run_results, job_run_name, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from vizpipe.runner import JobSummary
@@ -111,14 +111,75 @@ def _figures(cfg: DictConfig) -> None:
     from vizpipe.render import render_results
 
     try:
-        paths = render_results(
-            cfg.source, cfg.out_dir, list(cfg.formats), cfg.log_scale, cfg.max_val, cfg.kernel_normalize
-        )
+        if cfg.figure is not None:
+            paths = _paper_figure(cfg)
+        elif cfg.source is None:
+            raise VizpipeError("nothing to render: pass source=<run folder or results.h5>, or figure=<spec in conf/figure>")
+        else:
+            paths = render_results(
+                cfg.source, cfg.out_dir, list(cfg.formats), cfg.log_scale, cfg.max_val, cfg.kernel_normalize
+            )
     except VizpipeError as error:
         _fail(error)
         return
     for path in paths:
         print(path)
+
+
+def _select_sources(select: DictConfig, download_dir: Path) -> list[tuple[str, Path, str]]:
+    """Return (source id, results path, fallback label) of every job that a figure spec selects."""
+    if (select.runs_folder is None) == (select.experiment_name is None):
+        raise VizpipeError(
+            "figure.select needs exactly one of runs_folder=<multirun folder> or experiment_name=<MLflow experiment>"
+        )
+    if select.runs_folder is not None:
+        folder = Path(select.runs_folder).expanduser()
+        if not folder.is_dir():
+            raise VizpipeError(f"figure.select.runs_folder {folder} not found; pass a multirun folder")
+        jobs = sorted((p for p in folder.iterdir() if (p / "results.h5").is_file() and p.name.isdigit()), key=lambda p: int(p.name))
+        return [(str(job / "results.h5"), job / "results.h5", f"job {job.name}") for job in jobs][: select.max_runs]
+
+    uri = resolve_tracking_uri(select.tracking_uri, "outputs")
+    try:
+        found = find_run_results(
+            uri, select.experiment_name, select.filter_string, list(select.order_by), select.max_runs, download_dir
+        )
+    except LookupError as error:
+        raise VizpipeError(f"{error}; check figure.select.experiment_name and figure.select.tracking_uri") from error
+    except Exception as error:  # noqa: BLE001 - MLflow reports a bad filter or an unreachable server in many types
+        raise VizpipeError(f"MLflow search failed at {uri} ({type(error).__name__}: {error}); check figure.select") from error
+    return [(run.run_id, run.results_path, run.run_name) for run in found]
+
+
+def _paper_figure(cfg: DictConfig) -> list[Path]:
+    """Render one figure spec and log it, with its source runs, to an MLflow figures run."""
+    from vizpipe.render.paper import load_panels, render_paper_figure
+
+    from vizpipe.render.figures import SUPPORTED_FORMATS
+
+    spec = cfg.figure
+    unknown = [f for f in cfg.formats if f not in SUPPORTED_FORMATS]
+    if unknown or not cfg.formats:
+        raise VizpipeError(f"invalid figure formats {list(cfg.formats)}; use any of {', '.join(SUPPORTED_FORMATS)}")
+    out_dir = Path(cfg.out_dir or "outputs/figures").expanduser()
+    sources = _select_sources(spec.select, out_dir / ".mlflow_downloads")
+    figure = render_paper_figure(load_panels(sources, spec.label), spec, cfg.style, out_dir, list(cfg.formats))
+    sources_path = out_dir / f"{spec.name}_sources.json"
+    listing = [{"source": source, "label": label} for source, label in zip(figure.sources, figure.labels)]
+    sources_path.write_text(json.dumps({"figure": spec.name, "sources": listing}, indent=2) + "\n")
+
+    if cfg.tracking.enabled:
+        tracker = Tracker(True, cfg.tracking.tracking_uri or spec.select.tracking_uri, cfg.tracking.experiment_name, "outputs")
+        tags = {"vizpipe.role": "figures", "vizpipe.source_runs": ",".join(figure.sources)}
+        params = {"figure": OmegaConf.to_container(spec, resolve=True), "style": OmegaConf.to_container(cfg.style)}
+        tracker.start(f"figure {spec.name}", params, tags)
+        for path in figure.paths:
+            tracker.log_artifact(path, "figures")
+        tracker.log_artifact(sources_path)
+        tracker.end("FINISHED")
+        if tracker.run_id:
+            print(f"mlflow figures run: {tracker.run_id} in {tracker.uri}")
+    return [*figure.paths, sources_path]
 
 
 def _log_job_folder(run_dir: Path, tracking_uri: str | None, experiment_name: str | None, sweep: SweepInfo | None) -> str | None:

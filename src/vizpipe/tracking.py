@@ -348,3 +348,53 @@ class Tracker:
                 return
             self._mark_parent(state, sweep.job_number, status)
             _write_json_atomically(state_path, state)
+
+
+@dataclass
+class RunResults:
+    """A finished MLflow run and where its results.h5 is on this machine."""
+
+    run_id: str
+    run_name: str
+    results_path: Path
+
+
+def find_run_results(
+    tracking_uri: str,
+    experiment_name: str,
+    filter_string: str,
+    order_by: list[str],
+    max_runs: int,
+    download_dir: Path,
+) -> list[RunResults]:
+    """Search an experiment for runs with a results.h5, in ``order_by`` order.
+
+    A run's results.h5 is read from its run folder (the ``vizpipe.run_dir``
+    tag) when that folder exists here, else downloaded from its artifacts into
+    ``download_dir/<run id>/``. Runs without one (failed jobs, sweep parents,
+    figures runs) are skipped.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise LookupError(f"MLflow experiment {experiment_name!r} not found at {tracking_uri}")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=filter_string, order_by=list(order_by), max_results=max(max_runs * 4, 100)
+    )
+    found = []
+    for run in runs:
+        if len(found) == max_runs:
+            break
+        local = Path(run.data.tags.get("vizpipe.run_dir", "/nonexistent")) / "results.h5"
+        if local.is_file():
+            found.append(RunResults(run.info.run_id, run.info.run_name, local))
+            continue
+        if "results.h5" not in {item.path for item in client.list_artifacts(run.info.run_id)}:
+            continue
+        target = download_dir / run.info.run_id
+        target.mkdir(parents=True, exist_ok=True)
+        path = client.download_artifacts(run.info.run_id, "results.h5", str(target))
+        found.append(RunResults(run.info.run_id, run.info.run_name, Path(path)))
+    return found
