@@ -151,6 +151,7 @@ def test_concurrent_jobs_create_one_parent(tmp_path):
     assert len(client.search_runs([experiment_id], filter_string="tags.`vizpipe.role` = 'sweep'")) == 1
 
 
+@pytest.mark.slow
 def test_joblib_jobs_share_one_parent(tmp_path):
     completed = run_cli(
         ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}/sweep",
@@ -188,3 +189,19 @@ def test_submitit_local_jobs_share_one_parent(tmp_path):
     for job in ("0", "1"):
         with h5py.File(tmp_path / "sweep" / job / "results.h5", "r") as handle:
             assert handle["conv_kernels/conv1/weight"].shape == (16, 1, 3, 3)
+
+
+@pytest.mark.slow
+def test_glob_over_experiment_presets(tmp_path):
+    completed = run_cli(
+        ["-m", "+experiment=glob(*_resnet8,exclude=[am_*,hessian_*,landscape_*])", f"hydra.sweep.dir={tmp_path}/sweep",
+         f"output_root={tmp_path}/outputs", "weights.source=random", "progress=false", "figures.enabled=false"],
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0"]
+    with h5py.File(tmp_path / "sweep" / "0" / "results.h5", "r") as handle:
+        assert handle["conv_kernels/pre_conv/weight"].shape == (64, 3, 7, 7)
+    _, parents, children = runs_of(tmp_path / "outputs" / "mlflow.db")
+    assert parents[0].info.run_name == "sweep conv_kernels +experiment=glob(*_resnet8,exclude=[am_*,hessian_*,landscape_*])"
+    assert children[0].info.run_name == "conv_kernels +experiment=kernels_resnet8"

@@ -11,6 +11,9 @@ from conftest import run_cli
 
 from vizpipe.models import SmallCNN
 
+# A two-job sweep with all four analyses, then nine vizpipe-figures runs: minutes on 2 cores.
+pytestmark = pytest.mark.slow
+
 SWEEP = [
     "dataset.image_shape=[1,8,8]",
     "evaluation.max_samples=100",
@@ -116,21 +119,21 @@ def test_mlflow_query_selects_and_logs_figures_run(checkpoint_sweep, tmp_path):
     store = f"sqlite:///{root / 'outputs' / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=store)
     experiment = client.get_experiment_by_name("vizpipe").experiment_id
-    wanted = client.search_runs([experiment], filter_string="params.`weights.checkpoint` LIKE '%seed2.pt'")
-    assert len(wanted) == 1
+    expected_runs = client.search_runs([experiment], filter_string="params.`weights.checkpoint` LIKE '%seed2.pt'")
+    assert len(expected_runs) == 1
     completed = figures(
         root, tmp_path, "figure=landscapes_mlflow", f"figure.select.tracking_uri={store}",
         'figure.select.filter_string="params.`weights.checkpoint` LIKE \'%seed2.pt\'"', "figure.label=weights.checkpoint",
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     sources = json.loads((tmp_path / "landscapes_mlflow_sources.json").read_text())
-    assert sources["sources"] == [{"source": wanted[0].info.run_id, "label": "checkpoint=seed2.pt"}]
+    assert sources["sources"] == [{"source": expected_runs[0].info.run_id, "label": "checkpoint=seed2.pt"}]
 
     figures_client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'figures.db'}")
     runs = figures_client.search_runs([figures_client.get_experiment_by_name("vizpipe-figures").experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    assert run.data.tags["vizpipe.source_runs"] == wanted[0].info.run_id
+    assert run.data.tags["vizpipe.source_runs"] == expected_runs[0].info.run_id
     assert run.data.params["figure.kind"] == "landscapes"
     artifacts = {a.path for a in figures_client.list_artifacts(run.info.run_id, "figures")}
     assert artifacts == {"figures/landscapes_mlflow.png", "figures/landscapes_mlflow.pdf"}

@@ -104,6 +104,7 @@ def test_params_logged_in_batches_to_local_store(tmp_path):
     assert run.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_job_logs_to_real_server(mlflow_server, tmp_path):
     completed = run_cli(
         [f"hydra.run.dir={tmp_path}/run", f"output_root={tmp_path}/outputs", *JOB,
@@ -130,6 +131,7 @@ def test_job_logs_to_real_server(mlflow_server, tmp_path):
     assert "figures/hessian_eigenvalues.png" in {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
 
 
+@pytest.mark.slow
 def test_unreachable_server_then_log_later(mlflow_server, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     completed = run_cli(
@@ -156,6 +158,7 @@ def test_unreachable_server_then_log_later(mlflow_server, tmp_path):
     assert {"results.h5", "figures", ".hydra"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+@pytest.mark.slow
 def test_log_later_sweep_folder_to_local_store(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     completed = run_cli(

@@ -285,6 +285,8 @@ def run_job(cfg: DictConfig, run_dir: Path, run_name: str | None = None, sweep: 
         raise
     finally:
         tracker.end(status, sweep)
+        if not tracker.enabled:
+            summary.run_id = None  # tracking failed part way, so the run must be logged again later
         summary.status = status
         summary.seconds = time.perf_counter() - started
         _write_job_record(run_dir / JOB_RECORD, summary, run_name)

@@ -2,9 +2,9 @@
 
 One MLflow run per job, driven through ``MlflowClient`` with an explicit run id,
 so no global "active run" is left behind when a job fails. The jobs of a Hydra
-multirun are child runs of one parent run per sweep; the parent is created once,
-by the first job that takes the lock on the sweep folder, and its id is stored
-there for the other jobs, which may run in other processes or on other hosts.
+multirun are child runs of one parent run per sweep. The first job that takes
+the lock on the sweep folder creates the parent and stores its id there, so the
+other jobs find it, also from other processes or hosts.
 
 Every call is guarded: a tracking failure logs a warning and disables tracking
 for the rest of the job, and never costs a result (results.h5 is written before
@@ -29,8 +29,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# MLflow 3 accepts parameter values of up to 6,000 characters (servers before
-# MLflow 2.x accepted 500) and at most 100 parameters per log_batch call.
+# MLflow 3 accepts parameter values of up to 6,000 characters (older servers
+# accept 500) and at most 100 parameters per log_batch call.
 MAX_PARAM_LENGTH = 6000
 PARAM_BATCH_SIZE = 100
 METRIC_BATCH_SIZE = 1000
@@ -113,9 +113,10 @@ def job_run_name(analyses: list[str], overrides: list[str]) -> str:
 def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block.
 
-    NOTE: flock is atomic between processes on one host and on most cluster
-    file systems (Lustre, GPFS, NFSv4); a file system without lock support
-    raises OSError here, which the caller turns into a tracking warning.
+    NOTE: flock is atomic between processes on one host. Cluster file systems
+    differ (NFSv4, Lustre and GPFS mounts usually support it, tested here only
+    on a local disk). Where locks are unsupported this raises OSError, which
+    the caller turns into a tracking warning.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
@@ -134,7 +135,7 @@ def _write_json_atomically(path: Path, content: Mapping[str, Any]) -> None:
 
 @dataclass
 class SweepInfo:
-    """Where a multirun job sits: its sweep folder, its job number and the sweep's overrides."""
+    """A multirun job's place in its sweep: the sweep folder, the job number and the sweep's overrides."""
 
     sweep_dir: Path
     job_number: int
