@@ -126,6 +126,7 @@ def _start_child(uri: str, sweep_dir: str, job_number: int, queue) -> None:
     queue.put((tracker.run_id, tracker.parent_run_id))
 
 
+@pytest.mark.slow  # six processes that each import mlflow: about 90 s on 2 shared cores
 def test_concurrent_jobs_create_one_parent(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     Tracker(True, uri, "race", tmp_path).start("create the store", {})  # schema migration outside the race

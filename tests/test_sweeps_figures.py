@@ -47,7 +47,7 @@ def checkpoint_sweep(tmp_path_factory):
 
 def figures(root, out, *overrides):
     return run_cli(
-        [f"out_dir={out}", "formats=[png,pdf]", f"tracking.tracking_uri=sqlite:///{root / 'figures.db'}", *overrides],
+        [f"out_dir={out}", "formats=[png,pdf]", f"tracking.tracking_uri=sqlite:///{out}.db", *overrides],
         cwd=root, entry="vizpipe-figures",
     )
 
@@ -129,7 +129,7 @@ def test_mlflow_query_selects_and_logs_figures_run(checkpoint_sweep, tmp_path):
     sources = json.loads((tmp_path / "landscapes_mlflow_sources.json").read_text())
     assert sources["sources"] == [{"source": expected_runs[0].info.run_id, "label": "checkpoint=seed2.pt"}]
 
-    figures_client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'figures.db'}")
+    figures_client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}.db")
     runs = figures_client.search_runs([figures_client.get_experiment_by_name("vizpipe-figures").experiment_id])
     assert len(runs) == 1
     run = runs[0]
