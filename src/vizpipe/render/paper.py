@@ -23,6 +23,8 @@ from vizpipe.render.common import STYLE, save
 from vizpipe.store import Results, read_results
 
 log = logging.getLogger(__name__)
+# Embedding TrueType fonts in PDF logs every subsetting step at INFO.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
 
 FIGURE_KINDS = ("landscapes", "eigenvalues", "activation_maximization", "kernels")
 # Okabe-Ito colours, distinguishable with the common forms of colour blindness.
