@@ -1,19 +1,27 @@
-"""Command-line entry points: ``vizpipe`` runs a job, ``vizpipe-figures`` renders one."""
+"""Command-line entry points: ``vizpipe`` runs a job, ``vizpipe-figures`` renders figures,
+``vizpipe-log`` logs finished run folders to MLflow."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vizpipe.config import register_configs
 from vizpipe.errors import VizpipeError
+from vizpipe.tracking import LOG_LATER_COMMAND, SweepInfo, Tracker, find_run_results, job_run_name, resolve_tracking_uri
+
+if TYPE_CHECKING:
+    from vizpipe.runner import JobSummary
 
 log = logging.getLogger("vizpipe")
 
@@ -30,17 +38,47 @@ def _fail(error: VizpipeError) -> None:
     sys.exit(2)
 
 
+def _sweep_info(sweep_dir: Path, job_number: int, analyses: list[str], overrides: list[str]) -> SweepInfo:
+    """Describe a multirun job, with the sweep's overrides as typed (read from multirun.yaml when present)."""
+    sweep_dir = sweep_dir.resolve()
+    multirun_yaml = sweep_dir / "multirun.yaml"
+    if multirun_yaml.is_file():
+        overrides = list(OmegaConf.select(OmegaConf.load(multirun_yaml), "hydra.overrides.task", default=overrides))
+    overrides = [o for o in overrides if not o.startswith("hydra")]
+    swept = _swept_keys(overrides)
+    name = "sweep " + job_run_name(analyses, [o for o in overrides if _override_key(o) in swept])
+    return SweepInfo(sweep_dir=sweep_dir, job_number=job_number, overrides=overrides, swept_keys=swept, run_name=name)
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _swept_keys(overrides: list[str]) -> set[str]:
+    """Return the keys that a sweep varies (``key=a,b``, ``range()``, ``choice()``, ``glob()``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return {override.key_or_group for override in parsed if override.is_sweep_override()}
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _run(cfg: DictConfig) -> None:
-    from vizpipe.runner import run_job
+    from vizpipe.runner import ANALYSIS_ORDER, run_job
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra")]
-    run_name = ",".join(overrides)[:200] or "default"
+    analyses = [name for name in ANALYSIS_ORDER if OmegaConf.select(cfg, f"analysis.{name}") is not None]
+    sweep = None
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep = _sweep_info(Path(hydra_cfg.sweep.dir), int(hydra_cfg.job.num), analyses, overrides)
+        # Name a sweep's child run by what varies across the sweep only.
+        overrides = [o for o in overrides if _override_key(o) in sweep.swept_keys]
+    run_name = job_run_name(analyses, overrides)
     log.info("Run folder: %s", run_dir)
     try:
-        summary = run_job(cfg, run_dir, run_name=run_name)
+        summary = run_job(cfg, run_dir, run_name=run_name, sweep=sweep)
     except VizpipeError as error:
         _fail(error)
         return
@@ -51,12 +89,28 @@ def _run(cfg: DictConfig) -> None:
             file=sys.stderr,
         )
         sys.exit(130)
-    print(f"results: {summary.results_path}")
-    if summary.figures:
-        print(f"figures: {run_dir / 'figures'} ({len(summary.figures)} files)")
+    print(summary_table(summary))
     if summary.run_id:
-        print(f"mlflow run: {summary.run_id} in {summary.tracking_uri}")
         print(f"browse it with: mlflow ui --backend-store-uri {summary.tracking_uri}")
+
+
+def summary_table(summary: JobSummary) -> str:
+    """Format what a finished job computed and where it is, one ``label: value`` row per output."""
+    rows = [("status", f"{summary.status} in {summary.seconds:.1f} s")]
+    rows.append(("results", str(summary.results_path)))
+    if summary.figures:
+        rows.append((f"figures ({len(summary.figures)} files)", str(summary.run_dir / "figures")))
+    checkpoint = summary.run_dir / "checkpoint.pt"
+    if checkpoint.is_file():
+        rows.append(("checkpoint", str(checkpoint)))
+    for name, value in sorted(summary.metrics.items()):
+        if name.endswith(("center_loss", "max_eigenvalue", "test/accuracy")) or name.endswith("mean_final_activation"):
+            rows.append((name, f"{value:.6g}"))
+    if summary.run_id:
+        rows.append(("mlflow run", f"{summary.run_id} in {summary.tracking_uri}"))
+    else:
+        rows.append(("mlflow run", f"none; log it later with: {LOG_LATER_COMMAND} {summary.run_dir}"))
+    return "\n".join(f"{label}: {value}" for label, value in rows)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="figures")
@@ -64,14 +118,157 @@ def _figures(cfg: DictConfig) -> None:
     from vizpipe.render import render_results
 
     try:
-        paths = render_results(
-            cfg.source, cfg.out_dir, list(cfg.formats), cfg.log_scale, cfg.max_val, cfg.kernel_normalize
-        )
+        if cfg.figure is not None:
+            paths = _paper_figure(cfg)
+        elif cfg.source is None:
+            raise VizpipeError("nothing to render: pass source=<run folder or results.h5>, or figure=<spec in conf/figure>")
+        else:
+            paths = render_results(
+                cfg.source, cfg.out_dir, list(cfg.formats), cfg.log_scale, cfg.max_val, cfg.kernel_normalize
+            )
     except VizpipeError as error:
         _fail(error)
         return
     for path in paths:
         print(path)
+
+
+def _select_sources(select: DictConfig, download_dir: Path) -> list[tuple[str, Path, str]]:
+    """Return (source id, results path, fallback label) of every job that a figure spec selects."""
+    if (select.runs_folder is None) == (select.experiment_name is None):
+        raise VizpipeError(
+            "figure.select needs exactly one of runs_folder=<multirun folder> or experiment_name=<MLflow experiment>"
+        )
+    if select.runs_folder is not None:
+        folder = Path(select.runs_folder).expanduser()
+        if not folder.is_dir():
+            raise VizpipeError(f"figure.select.runs_folder {folder} not found; pass a multirun folder")
+        jobs = sorted((p for p in folder.iterdir() if (p / "results.h5").is_file() and p.name.isdigit()), key=lambda p: int(p.name))
+        return [(str(job / "results.h5"), job / "results.h5", f"job {job.name}") for job in jobs][: select.max_runs]
+
+    uri = resolve_tracking_uri(select.tracking_uri, "outputs")
+    try:
+        found = find_run_results(
+            uri, select.experiment_name, select.filter_string, list(select.order_by), select.max_runs, download_dir
+        )
+    except LookupError as error:
+        raise VizpipeError(f"{error}; check figure.select.experiment_name and figure.select.tracking_uri") from error
+    except Exception as error:  # noqa: BLE001 - MLflow reports a bad filter or an unreachable server in many types
+        raise VizpipeError(f"MLflow search failed at {uri} ({type(error).__name__}: {error}); check figure.select") from error
+    return [(run.run_id, run.results_path, run.run_name) for run in found]
+
+
+def _paper_figure(cfg: DictConfig) -> list[Path]:
+    """Render one figure spec and log it, with its source runs, to an MLflow figures run."""
+    from vizpipe.render.paper import load_panels, render_paper_figure
+
+    from vizpipe.render.figures import SUPPORTED_FORMATS
+
+    spec = cfg.figure
+    unknown = [f for f in cfg.formats if f not in SUPPORTED_FORMATS]
+    if unknown or not cfg.formats:
+        raise VizpipeError(f"invalid figure formats {list(cfg.formats)}; use any of {', '.join(SUPPORTED_FORMATS)}")
+    out_dir = Path(cfg.out_dir or "outputs/figures").expanduser()
+    sources = _select_sources(spec.select, out_dir / ".mlflow_downloads")
+    figure = render_paper_figure(load_panels(sources, spec.label), spec, cfg.style, out_dir, list(cfg.formats))
+    sources_path = out_dir / f"{spec.name}_sources.json"
+    listing = [{"source": source, "label": label} for source, label in zip(figure.sources, figure.labels)]
+    sources_path.write_text(json.dumps({"figure": spec.name, "sources": listing}, indent=2) + "\n")
+
+    if cfg.tracking.enabled:
+        tracker = Tracker(True, cfg.tracking.tracking_uri or spec.select.tracking_uri, cfg.tracking.experiment_name, "outputs")
+        tags = {"vizpipe.role": "figures", "vizpipe.source_runs": ",".join(figure.sources)}
+        params = {"figure": OmegaConf.to_container(spec, resolve=True), "style": OmegaConf.to_container(cfg.style)}
+        tracker.start(f"figure {spec.name}", params, tags)
+        for path in figure.paths:
+            tracker.log_artifact(path, "figures")
+        tracker.log_artifact(sources_path)
+        tracker.end("FINISHED")
+        if tracker.run_id:
+            print(f"mlflow figures run: {tracker.run_id} in {tracker.uri}")
+    return [*figure.paths, sources_path]
+
+
+def _log_job_folder(run_dir: Path, tracking_uri: str | None, experiment_name: str | None, sweep: SweepInfo | None) -> str | None:
+    """Log a finished run folder as a new MLflow run; return its run id, or None when tracking failed."""
+    from vizpipe.runner import JOB_RECORD
+
+    config_path = run_dir / ".hydra" / "config.yaml"
+    if not config_path.is_file():
+        raise VizpipeError(f"{config_path} not found; pass a vizpipe run folder (it holds .hydra/config.yaml and {JOB_RECORD})")
+    cfg = OmegaConf.load(config_path)
+    try:
+        params = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - interpolations of Hydra's own resolvers cannot be resolved outside a job
+        params = OmegaConf.to_container(cfg, resolve=False)
+    record_path = run_dir / JOB_RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    tracker = Tracker(
+        True,
+        tracking_uri or OmegaConf.select(cfg, "tracking.tracking_uri"),
+        experiment_name or OmegaConf.select(cfg, "tracking.experiment_name", default="vizpipe"),
+        OmegaConf.select(cfg, "output_root", default="outputs"),
+        run_dir,
+    )
+    tags = {"vizpipe.run_dir": str(run_dir.resolve()), "vizpipe.logged_later": "true"}
+    tracker.start(record.get("run_name") or run_dir.name, params, tags, sweep)
+    tracker.log_metrics(record.get("metrics", {}))
+    tracker.log_artifact(run_dir / "results.h5")
+    tracker.log_artifact(run_dir / "figures", "figures")
+    tracker.log_artifact(run_dir / ".hydra", ".hydra")
+    # A folder without a job record is a job that never reached its end.
+    tracker.end(record.get("status", "FAILED"), sweep)
+    if not tracker.enabled:
+        return None
+    print(f"{run_dir}: mlflow run {tracker.run_id} ({record.get('status', 'FAILED')}) in {tracker.uri}")
+    return tracker.run_id
+
+
+def _analyses_of(run_dir: Path) -> list[str]:
+    from vizpipe.runner import ANALYSIS_ORDER
+
+    config_path = run_dir / ".hydra" / "config.yaml"
+    if not config_path.is_file():
+        return []
+    cfg = OmegaConf.load(config_path)
+    return [name for name in ANALYSIS_ORDER if OmegaConf.select(cfg, f"analysis.{name}") is not None]
+
+
+def log_main(argv: list[str] | None = None) -> None:
+    """Entry point of ``vizpipe-log``: log finished run folders, or a whole multirun folder, to MLflow."""
+    parser = argparse.ArgumentParser(
+        prog=LOG_LATER_COMMAND,
+        description="Log a finished vizpipe run folder to MLflow, for jobs whose tracking server was unreachable. "
+        "A multirun folder (it holds multirun.yaml) becomes one parent run with a child run per job.",
+    )
+    parser.add_argument("folders", nargs="+", type=Path, help="run folders or multirun folders")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the job's tracking.tracking_uri, "
+                        "else $MLFLOW_TRACKING_URI, else sqlite:///<output_root>/mlflow.db)")
+    parser.add_argument("--experiment", help="MLflow experiment name (default: the job's tracking.experiment_name)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
+
+    failed = 0
+    try:
+        for folder in args.folders:
+            if not folder.is_dir():
+                raise VizpipeError(f"run folder not found: {folder}")
+            multirun_yaml = folder / "multirun.yaml"
+            if not multirun_yaml.is_file():
+                failed += _log_job_folder(folder, args.tracking_uri, args.experiment, None) is None
+                continue
+            jobs = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+            if not jobs:
+                raise VizpipeError(f"multirun folder {folder} has no job folders (0, 1, ...)")
+            for job in jobs:
+                sweep = _sweep_info(folder, int(job.name), _analyses_of(job), [])
+                failed += _log_job_folder(job, args.tracking_uri, args.experiment, sweep) is None
+    except VizpipeError as error:
+        print(f"{LOG_LATER_COMMAND}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if failed:
+        print(f"{LOG_LATER_COMMAND}: error: {failed} folder(s) could not be logged; see the warnings above", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:

@@ -130,15 +130,65 @@ class VizpipeConfig:
 
 
 @dataclass
+class FigureSelectConfig:
+    """Which jobs a paper figure shows: a multirun folder, or an MLflow query."""
+
+    runs_folder: Optional[str] = None  # multirun folder: its <job number>/results.h5 files, in job order
+    experiment_name: Optional[str] = None  # MLflow experiment to search instead of a folder
+    filter_string: str = ""  # MLflow search filter, e.g. "params.seed = '0'"
+    order_by: List[str] = field(default_factory=lambda: ["attributes.start_time ASC"])
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db
+    max_runs: int = 12
+
+
+@dataclass
+class FigureSpecConfig:
+    """A paper figure: what it shows (``kind``), from which jobs, labelled by which config key."""
+
+    kind: str = MISSING  # landscapes | eigenvalues | activation_maximization | kernels
+    name: str = MISSING  # file stem of the figure
+    title: Optional[str] = None
+    select: FigureSelectConfig = field(default_factory=FigureSelectConfig)
+    label: Optional[str] = None  # config key whose value labels each job, e.g. analysis.landscape.noise_range
+    layers: Optional[List[str]] = None  # activation_maximization, kernels: None for every layer of the first job
+    max_channels: int = 16  # activation_maximization: channels shown per panel
+    log_scale: bool = False  # landscapes: plot log10(loss)
+    max_val: Optional[float] = None  # landscapes: cap the loss before plotting
+
+
+@dataclass
+class PrintStyleConfig:
+    """matplotlib settings for print: sizes in points and inches, colorblind-safe colormaps."""
+
+    font_size: float = 8.0
+    title_size: float = 9.0
+    font_family: str = "DejaVu Sans"
+    width: float = 7.0  # inches; 7 fits a two-column paper page, 3.4 one column
+    panel_height: float = 2.4  # inches per row of panels
+    dpi: int = 300  # PNG resolution; PDF and SVG stay vector except image panels
+    cmap: str = "viridis"  # landscapes; viridis, cividis and magma are colorblind-safe
+
+
+@dataclass
+class FiguresTrackingConfig:
+    enabled: bool = True  # log the paper figures to an MLflow "figures" run
+    tracking_uri: Optional[str] = None  # None: figure.select.tracking_uri, else as for jobs
+    experiment_name: str = "vizpipe-figures"
+
+
+@dataclass
 class RenderConfig:
     """Config of ``vizpipe-figures``."""
 
-    source: str = MISSING  # results.h5 or a run folder containing it
-    out_dir: Optional[str] = None  # default: <run folder>/figures
+    source: Optional[str] = None  # results.h5 or a run folder containing it; or use figure=<spec>
+    figure: Optional[FigureSpecConfig] = None  # a paper figure spec from conf/figure/
+    out_dir: Optional[str] = None  # default: <run folder>/figures; for a figure spec, outputs/figures
     formats: List[str] = field(default_factory=lambda: ["png", "pdf"])
     log_scale: Optional[bool] = None  # landscape; None: as stored in the results file
     max_val: Optional[float] = None  # landscape colour cap
     kernel_normalize: Optional[str] = None  # tile | grid; None: as stored
+    style: PrintStyleConfig = field(default_factory=PrintStyleConfig)
+    tracking: FiguresTrackingConfig = field(default_factory=FiguresTrackingConfig)
 
 
 def register_configs() -> None:

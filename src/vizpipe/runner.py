@@ -8,7 +8,9 @@ import glob
 import hashlib
 import json
 import logging
+import os
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +44,7 @@ from vizpipe.analyses.modules import conv_layer_names, find_layer
 from vizpipe.data.base import ImageDataset, batches
 from vizpipe.errors import VizpipeError
 from vizpipe.render import render_results, resolve_results_path
-from vizpipe.tracking import Tracker
+from vizpipe.tracking import SweepInfo, Tracker, job_run_name
 from vizpipe.training import load_checkpoint, read_state_dict, train, weight_fingerprint
 
 log = logging.getLogger("vizpipe")
@@ -54,6 +56,7 @@ SHARDED_ANALYSES = ("landscape",)
 # Keys that change neither the computation nor the stored values: a run folder
 # written with other values of these is still resumed.
 CONFIG_HASH_EXCLUDED = ("progress", "tracking", "figures", "overwrite")
+JOB_RECORD = "job.json"  # status, metrics and outputs of a job, in its run folder
 
 
 @dataclass
@@ -64,6 +67,8 @@ class JobSummary:
     metrics: dict[str, float] = field(default_factory=dict)
     tracking_uri: str | None = None
     run_id: str | None = None
+    status: str = "RUNNING"
+    seconds: float = 0.0
 
 
 def validate(cfg: DictConfig) -> None:
@@ -395,28 +400,85 @@ def finished_metrics(results_path: Path, group: str) -> dict[str, float] | None:
     return json.loads(attrs.get("metrics_json", "{}"))
 
 
-def run_job(cfg: DictConfig, run_dir: Path, run_name: str | None = None) -> JobSummary:
+def run_job(cfg: DictConfig, run_dir: Path, run_name: str | None = None, sweep: SweepInfo | None = None) -> JobSummary:
     """Run one job end to end and return where its outputs are.
 
-    Order matters for safety: the config and layers are checked before any
-    training, results.h5 is written before anything is logged to MLflow, and the
-    MLflow run is ended as FAILED or KILLED when the job stops early. A run
-    folder whose results.h5 came from the same config is resumed: finished
-    analyses are kept and a partial landscape continues where it stopped.
+    Order matters for safety: the MLflow run starts first, so a job that fails
+    on a bad value is still recorded (FAILED, with its error); the config and
+    layers are checked before any training; results.h5 is written before
+    anything is logged to MLflow; the run always ends, as FAILED or KILLED when
+    the job stops early. ``sweep`` makes the run a child of the sweep's parent.
+    A run folder whose results.h5 came from the same config is resumed:
+    finished analyses are kept and a partial landscape continues where it
+    stopped. Under torchrun, rank 0 alone locks the folder, writes and tracks.
     """
-    validate(cfg)
-    device = resolve_device(cfg.device)
-    distributed.initialize(device)
+    if distributed.launched_by_torchrun():
+        distributed.initialize(resolve_device(cfg.device))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = store.FileLock(run_dir / "results.h5") if distributed.is_main() else contextlib.nullcontext()
     with lock:
-        return _run_job(cfg, run_dir, run_name, device)
+        return _run_tracked_job(cfg, run_dir, run_name, sweep)
 
 
-def _run_job(cfg: DictConfig, run_dir: Path, run_name: str | None, device: torch.device) -> JobSummary:
+def _run_tracked_job(cfg: DictConfig, run_dir: Path, run_name: str | None, sweep: SweepInfo | None) -> JobSummary:
     started = time.perf_counter()
     results_path = run_dir / "results.h5"
+    tracker = Tracker(cfg.tracking.enabled and distributed.is_main(), cfg.tracking.tracking_uri, cfg.tracking.experiment_name, cfg.output_root, run_dir)
+    analyses = [name for name in ANALYSIS_ORDER if cfg.analysis[name] is not None]
+    run_name = cfg.tracking.run_name or run_name or job_run_name(analyses, [])
+    tags = {"vizpipe.run_dir": str(run_dir.resolve()), "vizpipe.host": f"{socket.gethostname()}:{os.getpid()}"}
+    tracker.start(run_name, _config_params(cfg), tags, sweep)
+    summary = JobSummary(run_dir=run_dir, results_path=results_path, tracking_uri=tracker.uri, run_id=tracker.run_id)
+    status = "FAILED"
+    try:
+        _run_steps(cfg, run_dir, results_path, summary, tracker)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        log.error("Interrupted; finished analyses are kept in %s", results_path)
+        raise
+    except Exception as error:
+        tracker.record_error(error)
+        raise
+    finally:
+        tracker.end(status, sweep)
+        if not tracker.enabled:
+            summary.run_id = None  # tracking failed part way, so the run must be logged again later
+        summary.status = status
+        summary.seconds = time.perf_counter() - started
+        if distributed.is_main():
+            _write_job_record(run_dir / JOB_RECORD, summary, run_name)
+    log.info("Job finished in %.1f s", summary.seconds)
+    return summary
+
+
+def _config_params(cfg: DictConfig) -> dict[str, Any]:
+    """Return the resolved config as a plain dict, or the unresolved one when an interpolation fails."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - the job itself reports the bad interpolation
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _write_job_record(path: Path, summary: JobSummary, run_name: str) -> None:
+    """Write how the job ended and its metrics, for the summary table and for ``vizpipe-log``."""
+    record = {
+        "status": summary.status,
+        "run_name": run_name,
+        "seconds": round(summary.seconds, 3),
+        "metrics": summary.metrics,
+        "results": summary.results_path.name if summary.results_path.is_file() else None,
+        "figures": [str(path.relative_to(summary.run_dir)) for path in summary.figures],
+        "mlflow_run_id": summary.run_id,
+        "tracking_uri": summary.tracking_uri,
+    }
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _run_steps(cfg: DictConfig, run_dir: Path, results_path: Path, summary: JobSummary, tracker: Tracker) -> None:
+    validate(cfg)
+    device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
 
     # 1. Data, model and loss, each checked before any work.
@@ -433,59 +495,47 @@ def _run_job(cfg: DictConfig, run_dir: Path, run_name: str | None, device: torch
     check_model_fits(model, dataset, loss_fn, device)
     check_layers(cfg, model, dataset.image_shape, device)
 
-    # 2. Tracking, then weights.
+    # 2. Weights.
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    tracker = Tracker(cfg.tracking.enabled and distributed.is_main(), cfg.tracking.tracking_uri, cfg.tracking.experiment_name, cfg.output_root)
-    tracker.start(cfg.tracking.run_name or run_name, OmegaConf.to_container(cfg, resolve=True), {"vizpipe.run_dir": str(run_dir.resolve())})
-    summary = JobSummary(run_dir=run_dir, results_path=results_path, tracking_uri=tracker.uri, run_id=tracker.run_id)
-    status = "FAILED"
-    try:
-        resuming = open_results_file(cfg, results_path, config_yaml, type(model).__name__, dataset.name)
-        summary.metrics.update(prepare_weights(cfg, model, dataset, loss_fn, device, run_dir, results_path, resuming))
-        check_fingerprint(model, results_path, resuming)
+    resuming = open_results_file(cfg, results_path, config_yaml, type(model).__name__, dataset.name)
+    summary.metrics.update(prepare_weights(cfg, model, dataset, loss_fn, device, run_dir, results_path, resuming))
+    check_fingerprint(model, results_path, resuming)
 
-        # 3. The evaluation set, on the device once.
-        x_eval, y_eval = _subset(*dataset.split(cfg.evaluation.split), cfg.evaluation.max_samples)
-        x_eval, y_eval = x_eval.to(device), y_eval.to(device)
-        log.info("Evaluation set: %d %s samples of shape %s", len(x_eval), cfg.evaluation.split, list(x_eval.shape[1:]))
+    # 3. The evaluation set, on the device once.
+    x_eval, y_eval = _subset(*dataset.split(cfg.evaluation.split), cfg.evaluation.max_samples)
+    x_eval, y_eval = x_eval.to(device), y_eval.to(device)
+    log.info("Evaluation set: %d %s samples of shape %s", len(x_eval), cfg.evaluation.split, list(x_eval.shape[1:]))
 
-        # 4. Analyses, each written as soon as it finishes.
-        for name in ANALYSIS_ORDER:
-            options = cfg.analysis[name]
-            if options is None:
-                continue
-            if not distributed.is_main() and name not in SHARDED_ANALYSES:
-                continue
-            stored = finished_metrics(results_path, name) if resuming else None
-            if stored is not None:
-                log.info("Skipping %s: its results are already complete in %s", name, results_path)
-                summary.metrics.update(stored)
-                tracker.log_metrics(stored)
-                continue
-            log.info("Running %s", name)
-            metrics = ANALYSIS_STEPS[name](options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path)
-            if distributed.is_main():
-                store.write_group_attrs(results_path, name, {"complete": True, "metrics_json": json.dumps(metrics)})
-            summary.metrics.update(metrics)
-            tracker.log_metrics(metrics)
-            log.info("Finished %s", name)
+    # 4. Analyses, each written as soon as it finishes; complete ones of a resumed job are kept.
+    for name in ANALYSIS_ORDER:
+        options = cfg.analysis[name]
+        if options is None:
+            continue
+        if not distributed.is_main() and name not in SHARDED_ANALYSES:
+            continue
+        stored = finished_metrics(results_path, name) if resuming else None
+        if stored is not None:
+            log.info("Skipping %s: its results are already complete in %s", name, results_path)
+            summary.metrics.update(stored)
+            tracker.log_metrics(stored)
+            continue
+        log.info("Running %s", name)
+        metrics = ANALYSIS_STEPS[name](options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path)
+        if distributed.is_main():
+            store.write_group_attrs(results_path, name, {"complete": True, "metrics_json": json.dumps(metrics)})
+        summary.metrics.update(metrics)
+        tracker.log_metrics(metrics)
+        log.info("Finished %s", name)
 
-        # 5. Figures and artifacts.
-        if cfg.figures.enabled and distributed.is_main():
-            summary.figures = _render(results_path, run_dir / "figures", list(cfg.figures.formats))
-        tracker.log_metrics({k: v for k, v in summary.metrics.items() if k.startswith(("train/", "test/"))})
-        tracker.log_artifact(results_path)
-        tracker.log_artifact(run_dir / "figures", "figures")
-        tracker.log_artifact(run_dir / ".hydra", ".hydra")
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        log.error("Interrupted; finished analyses are kept in %s", results_path)
-        raise
-    finally:
-        tracker.end(status)
-    log.info("Job finished in %.1f s", time.perf_counter() - started)
-    return summary
+    # 5. Figures and artifacts, from rank 0.
+    if not distributed.is_main():
+        return
+    if cfg.figures.enabled:
+        summary.figures = _render(results_path, run_dir / "figures", list(cfg.figures.formats))
+    tracker.log_metrics({k: v for k, v in summary.metrics.items() if k.startswith(("train/", "test/"))})
+    tracker.log_artifact(results_path)
+    tracker.log_artifact(run_dir / "figures", "figures")
+    tracker.log_artifact(run_dir / ".hydra", ".hydra")
 
 
 def _render(results_path: Path, figures_dir: Path, formats: list[str]) -> list[Path]:

@@ -1,29 +1,48 @@
 """MLflow tracking: the only module that imports mlflow.
 
 One MLflow run per job, driven through ``MlflowClient`` with an explicit run id,
-so no global "active run" is left behind when a job fails. Every call is
-guarded: a tracking failure logs a warning and disables tracking for the rest
-of the job, and never costs a result (results.h5 is written before anything is
-logged).
+so no global "active run" is left behind when a job fails. The jobs of a Hydra
+multirun are child runs of one parent run per sweep. The first job that takes
+the lock on the sweep folder creates the parent and stores its id there, so the
+other jobs find it, also from other processes or hosts.
+
+Every call is guarded: a tracking failure logs a warning and disables tracking
+for the rest of the job, and never costs a result (results.h5 is written before
+anything is logged). ``vizpipe-log`` logs a finished run folder later.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Mapping
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-# MLflow 3 accepts parameter values of up to 6,000 characters and at most 100
-# parameters per log_batch call.
+# MLflow 3 accepts parameter values of up to 6,000 characters (older servers
+# accept 500) and at most 100 parameters per log_batch call.
 MAX_PARAM_LENGTH = 6000
 PARAM_BATCH_SIZE = 100
 METRIC_BATCH_SIZE = 1000
+MAX_RUN_NAME_LENGTH = 250
+MAX_TAG_LENGTH = 5000
+
+# A job's run becomes a child of this run when the variable is set, instead of
+# the parent that the sweep folder names.
+PARENT_RUN_ENV = "VIZPIPE_MLFLOW_PARENT_RUN_ID"
+SWEEP_STATE_FILE = "mlflow_sweep.json"
+SWEEP_LOCK_FILE = ".mlflow_sweep.lock"
+LOG_LATER_COMMAND = "vizpipe-log"
 
 # Fail fast when a tracking server is down instead of MLflow's default retries
 # of several minutes; users can still override these variables.
@@ -43,6 +62,15 @@ def resolve_tracking_uri(tracking_uri: str | None, output_root: str | Path) -> s
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def shorten(text: str, limit: int = MAX_PARAM_LENGTH) -> str:
+    """Cut ``text`` to ``limit`` characters, ending it with ``...sha256:<12 hex digits>`` of the full text."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    suffix = f"...sha256:{digest}"
+    return text[: limit - len(suffix)] + suffix
+
+
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Flatten nested mappings to ``{"a.b.c": "value"}``, shortening over-long values.
 
@@ -56,24 +84,84 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, Mapping) and value:
             flat.update(flatten(value, f"{name}."))
             continue
-        text = str(value)
-        if len(text) > MAX_PARAM_LENGTH:
-            digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-            suffix = f"...sha256:{digest}"
-            text = text[: MAX_PARAM_LENGTH - len(suffix)] + suffix
-        flat[name] = text
+        flat[name] = shorten(str(value))
     return flat
+
+
+def job_run_name(analyses: list[str], overrides: list[str]) -> str:
+    """Build a run name from the selected analyses and the command-line overrides.
+
+    ``analysis=[...]`` overrides are left out because the analyses lead the name,
+    and ``analysis.<name>.`` prefixes are dropped, so a landscape sweep point
+    reads ``landscape noise_range=0.1``.
+    """
+    parts = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in ("analysis", "hydra") or key.startswith("hydra."):
+            continue
+        for name in analyses:
+            override = override.replace(f"analysis.{name}.", "")
+        parts.append(override)
+    name = "+".join(analyses) or "no analysis"
+    if parts:
+        name += " " + ",".join(parts)
+    return name[:MAX_RUN_NAME_LENGTH]
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block.
+
+    NOTE: flock is atomic between processes on one host. Cluster file systems
+    differ (NFSv4, Lustre and GPFS mounts usually support it, tested here only
+    on a local disk). Where locks are unsupported this raises OSError, which
+    the caller turns into a tracking warning.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_json_atomically(path: Path, content: Mapping[str, Any]) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        json.dump(content, handle, indent=2, sort_keys=True)
+    os.replace(handle.name, path)
+
+
+@dataclass
+class SweepInfo:
+    """A multirun job's place in its sweep: the sweep folder, the job number and the sweep's overrides."""
+
+    sweep_dir: Path
+    job_number: int
+    overrides: list[str]  # the sweep's command-line overrides, e.g. ``seed=range(0,3)``
+    swept_keys: set[str]  # keys whose value varies across the sweep's jobs
+    run_name: str  # name of the parent run
 
 
 class Tracker:
     """One MLflow run. All methods are no-ops once tracking is disabled or has failed."""
 
-    def __init__(self, enabled: bool, tracking_uri: str | None, experiment_name: str, output_root: str | Path):
+    def __init__(
+        self,
+        enabled: bool,
+        tracking_uri: str | None,
+        experiment_name: str,
+        output_root: str | Path,
+        run_dir: str | Path | None = None,
+    ):
         self.enabled = enabled
         self.uri = resolve_tracking_uri(tracking_uri, output_root) if enabled else None
         self.experiment_name = experiment_name
         self.output_root = Path(output_root).expanduser().resolve()
+        self.run_dir = Path(run_dir).resolve() if run_dir is not None else None
         self.run_id: str | None = None
+        self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
         self._client = None
 
@@ -83,37 +171,139 @@ class Tracker:
         try:
             return function(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - any tracking failure must not end the job
+            later = ""
+            if self.run_dir is not None:
+                later = f"; log it later with: {LOG_LATER_COMMAND} {self.run_dir}"
             log.warning(
                 "MLflow %s failed at %s (%s: %s); tracking is off for the rest of this job, "
-                "results.h5 and the figures are still written to the run folder",
-                action, self.uri, type(error).__name__, error,
+                "results.h5 and the figures are still written to the run folder%s",
+                action, self.uri, type(error).__name__, error, later,
             )
             self.enabled = False
             return None
 
-    def start(self, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> None:
-        self._guard("start_run", self._start, run_name, params, tags or {})
+    # Run life cycle
 
-    def _start(self, run_name, params, tags) -> None:
+    def start(
+        self,
+        run_name: str | None,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str] | None = None,
+        sweep: SweepInfo | None = None,
+    ) -> None:
+        """Create the run and log ``params`` flattened; in a sweep, make it a child of the sweep's parent run."""
+        self._guard("start_run", self._start, run_name, params, dict(tags or {}), sweep)
+
+    def _connect(self) -> None:
+        if not self.uri.startswith("sqlite:///"):
+            self._open_experiment()
+            return
+        # The first access to a new SQLite store creates its tables; two jobs of
+        # a parallel sweep doing that at once fail ("duplicate column name").
+        with _locked(Path(self.uri.removeprefix("sqlite:///") + ".lock")):
+            self._open_experiment()
+
+    def _open_experiment(self) -> None:
         import mlflow
-        from mlflow.entities import Param
 
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self._client = mlflow.MlflowClient(tracking_uri=self.uri)
         experiment = self._client.get_experiment_by_name(self.experiment_name)
-        if experiment is None:
-            artifact_location = None
-            if self.uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
-                artifact_location = (self.output_root / "mlartifacts").as_uri()
-            self.experiment_id = self._client.create_experiment(self.experiment_name, artifact_location)
-        else:
+        if experiment is not None:
             self.experiment_id = experiment.experiment_id
+            return
+        artifact_location = None
+        if self.uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
+            artifact_location = (self.output_root / "mlartifacts").as_uri()
+        try:
+            self.experiment_id = self._client.create_experiment(self.experiment_name, artifact_location)
+        except mlflow.exceptions.MlflowException:
+            # Another job of the sweep created it in the meantime (on a server, which the lock does not cover).
+            experiment = self._client.get_experiment_by_name(self.experiment_name)
+            if experiment is None:
+                raise
+            self.experiment_id = experiment.experiment_id
+
+    def _start(self, run_name, params, tags, sweep) -> None:
+        self._connect()
+        if os.environ.get(PARENT_RUN_ENV):
+            self.parent_run_id = os.environ[PARENT_RUN_ENV]
+        elif sweep is not None:
+            self.parent_run_id = self._sweep_parent(sweep)
+        if self.parent_run_id is not None:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        if sweep is not None:
+            tags["vizpipe.sweep_dir"] = str(sweep.sweep_dir.resolve())
+            tags["vizpipe.job_number"] = str(sweep.job_number)
+        self.run_id = self._create_run(run_name, tags)
+        self._log_params(self.run_id, params)
+        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment_name, self.uri)
+
+    def _create_run(self, run_name: str | None, tags: Mapping[str, str]) -> str:
         run = self._client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
-        self.run_id = run.info.run_id
+        return run.info.run_id
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
         items = [Param(key, value) for key, value in flatten(params).items()]
         for start in range(0, len(items), PARAM_BATCH_SIZE):
-            self._client.log_batch(self.run_id, params=items[start : start + PARAM_BATCH_SIZE])
-        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment_name, self.uri)
+            self._client.log_batch(run_id, params=items[start : start + PARAM_BATCH_SIZE])
+
+    def _sweep_parent(self, sweep: SweepInfo) -> str:
+        """Return the sweep's parent run id, creating the parent run if no job has yet.
+
+        The lock makes the read-create-write step atomic across the sweep's jobs,
+        so exactly one parent exists per sweep folder, tracking URI and experiment.
+        """
+        state_path = sweep.sweep_dir / SWEEP_STATE_FILE
+        with _locked(sweep.sweep_dir / SWEEP_LOCK_FILE):
+            state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+            if state.get("tracking_uri") == self.uri and state.get("experiment_id") == self.experiment_id:
+                self._mark_parent(state, sweep.job_number, "RUNNING")
+                _write_json_atomically(state_path, state)
+                return state["parent_run_id"]
+
+            name = shorten(sweep.run_name, MAX_RUN_NAME_LENGTH)
+            tags = {"vizpipe.sweep_dir": str(sweep.sweep_dir.resolve()), "vizpipe.role": "sweep"}
+            parent_id = self._create_run(name, tags)
+            swept = {}
+            for override in sweep.overrides:
+                key, _, value = override.partition("=")
+                swept[f"sweep.{key.lstrip('+~')}"] = value
+            self._log_params(parent_id, swept)
+            multirun_yaml = sweep.sweep_dir / "multirun.yaml"
+            if multirun_yaml.is_file():
+                self._client.log_artifact(parent_id, str(multirun_yaml))
+            state = {"tracking_uri": self.uri, "experiment_id": self.experiment_id, "parent_run_id": parent_id, "jobs": {}}
+            self._mark_parent(state, sweep.job_number, "RUNNING")
+            _write_json_atomically(state_path, state)
+            log.info("MLflow parent run %s for sweep %s", parent_id, sweep.sweep_dir)
+            return parent_id
+
+    def _mark_parent(self, state: dict, job_number: int, status: str) -> None:
+        """Record a job's status in the sweep state and set the parent's status from all of them.
+
+        The parent is FAILED once any job failed or was killed, RUNNING while a
+        started job has not ended, and FINISHED when every started job finished.
+        """
+        state["jobs"][str(job_number)] = status
+        statuses = set(state["jobs"].values())
+        if statuses & {"FAILED", "KILLED"}:
+            self._client.set_terminated(state["parent_run_id"], "FAILED")
+        elif "RUNNING" in statuses:
+            self._client.update_run(state["parent_run_id"], status="RUNNING")
+        else:
+            self._client.set_terminated(state["parent_run_id"], "FINISHED")
+
+    def record_error(self, error: BaseException) -> None:
+        """Store the error as the ``vizpipe.error`` tag and its traceback as ``error.txt``."""
+        if self.run_id is None:
+            return
+        summary = shorten(f"{type(error).__name__}: {error}", MAX_TAG_LENGTH)
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        self._guard("set_tag", self._client.set_tag, self.run_id, "vizpipe.error", summary)
+        self._guard("log_text", self._client.log_text, self.run_id, text, "error.txt")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         if self.run_id is None:
@@ -128,6 +318,12 @@ class Tracker:
         for start in range(0, len(items), METRIC_BATCH_SIZE):
             self._client.log_batch(self.run_id, metrics=items[start : start + METRIC_BATCH_SIZE])
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.run_id is None:
+            return
+        for key, value in tags.items():
+            self._guard("set_tag", self._client.set_tag, self.run_id, key, shorten(str(value), MAX_TAG_LENGTH))
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.run_id is None:
             return
@@ -137,8 +333,69 @@ class Tracker:
         elif path.is_file():
             self._guard("log_artifact", self._client.log_artifact, self.run_id, str(path), artifact_path)
 
-    def end(self, status: str = "FINISHED") -> None:
-        """End the run with ``FINISHED``, ``FAILED`` or ``KILLED``."""
+    def end(self, status: str = "FINISHED", sweep: SweepInfo | None = None) -> None:
+        """End the run with ``FINISHED``, ``FAILED`` or ``KILLED``, and update the sweep's parent run."""
         if self.run_id is None:
             return
         self._guard("set_terminated", self._client.set_terminated, self.run_id, status)
+        if sweep is not None and self.parent_run_id is not None and not os.environ.get(PARENT_RUN_ENV):
+            self._guard("update the sweep's parent run", self._end_sweep_job, sweep, status)
+
+    def _end_sweep_job(self, sweep: SweepInfo, status: str) -> None:
+        state_path = sweep.sweep_dir / SWEEP_STATE_FILE
+        with _locked(sweep.sweep_dir / SWEEP_LOCK_FILE):
+            state = json.loads(state_path.read_text())
+            if state.get("parent_run_id") != self.parent_run_id:
+                return
+            self._mark_parent(state, sweep.job_number, status)
+            _write_json_atomically(state_path, state)
+
+
+@dataclass
+class RunResults:
+    """A finished MLflow run and where its results.h5 is on this machine."""
+
+    run_id: str
+    run_name: str
+    results_path: Path
+
+
+def find_run_results(
+    tracking_uri: str,
+    experiment_name: str,
+    filter_string: str,
+    order_by: list[str],
+    max_runs: int,
+    download_dir: Path,
+) -> list[RunResults]:
+    """Search an experiment for runs with a results.h5, in ``order_by`` order.
+
+    A run's results.h5 is read from its run folder (the ``vizpipe.run_dir``
+    tag) when that folder exists here, else downloaded from its artifacts into
+    ``download_dir/<run id>/``. Runs without one (failed jobs, sweep parents,
+    figures runs) are skipped.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise LookupError(f"MLflow experiment {experiment_name!r} not found at {tracking_uri}")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=filter_string, order_by=list(order_by), max_results=max(max_runs * 4, 100)
+    )
+    found = []
+    for run in runs:
+        if len(found) == max_runs:
+            break
+        local = Path(run.data.tags.get("vizpipe.run_dir", "/nonexistent")) / "results.h5"
+        if local.is_file():
+            found.append(RunResults(run.info.run_id, run.info.run_name, local))
+            continue
+        if "results.h5" not in {item.path for item in client.list_artifacts(run.info.run_id)}:
+            continue
+        target = download_dir / run.info.run_id
+        target.mkdir(parents=True, exist_ok=True)
+        path = client.download_artifacts(run.info.run_id, "results.h5", str(target))
+        found.append(RunResults(run.info.run_id, run.info.run_name, Path(path)))
+    return found
