@@ -124,8 +124,11 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
         np.testing.assert_array_equal(first["landscape/accuracy"][()], second["landscape/accuracy"][()])
 
 
-@pytest.mark.parametrize("compile_option", ["false", pytest.param("true", marks=pytest.mark.slow)])
-def test_ctrl_c_stops_cleanly_and_keeps_partial_points(tmp_path, compile_option):
+@pytest.mark.parametrize(
+    "compile_option, stop_signal",
+    [("false", signal.SIGINT), ("false", signal.SIGTERM), pytest.param("true", signal.SIGINT, marks=pytest.mark.slow)],
+)
+def test_interrupt_stops_cleanly_and_keeps_partial_points(tmp_path, compile_option, stop_signal):
     run_dir = tmp_path / "interrupted"
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
     command = [str(Path(sys.executable).parent / "vizpipe"), f"hydra.run.dir={run_dir}", f"output_root={tmp_path}/outputs",
@@ -135,7 +138,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_partial_points(tmp_path, compile_option)
     while done_points(run_dir / "results.h5") < 10 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
     assert process.poll() is None, "the job ended before it could be interrupted"
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop_signal)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
     assert "Traceback" not in stderr

@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,6 +63,10 @@ def _swept_keys(overrides: list[str]) -> set[str]:
     return {override.key_or_group for override in parsed if override.is_sweep_override()}
 
 
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _run(cfg: DictConfig) -> None:
     from vizpipe.runner import ANALYSIS_ORDER, run_job
@@ -77,6 +82,9 @@ def _run(cfg: DictConfig) -> None:
         overrides = [o for o in overrides if _override_key(o) in sweep.swept_keys]
     run_name = job_run_name(analyses, overrides)
     log.info("Run folder: %s", run_dir)
+    # A scheduler's SIGTERM (SLURM at its time limit, say) stops the job like
+    # Ctrl-C: partial results are kept and the MLflow run ends as KILLED.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         summary = run_job(cfg, run_dir, run_name=run_name, sweep=sweep)
     except VizpipeError as error:
@@ -89,6 +97,8 @@ def _run(cfg: DictConfig) -> None:
             file=sys.stderr,
         )
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     print(summary_table(summary))
     if summary.run_id:
         print(f"browse it with: mlflow ui --backend-store-uri {summary.tracking_uri}")
