@@ -68,7 +68,7 @@ def test_other_config_on_same_folder_is_rejected(tmp_path):
     second = run_cli([f"hydra.run.dir={tmp_path}/run", *LANDSCAPE[:3], "analysis.landscape.resolution=5",
                       "tracking.enabled=false", "figures.enabled=false"], cwd=tmp_path)
     assert second.returncode != 0
-    assert "holds results of another config" in second.stderr
+    assert "contains results of another config" in second.stderr
     assert "overwrite=true" in second.stderr
     with h5py.File(tmp_path / "run" / "results.h5") as handle:
         assert handle["landscape/loss"].shape == (3, 3), "the first job's results must survive"

@@ -268,7 +268,7 @@ def prepare_weights(
     cfg: DictConfig, model: nn.Module, dataset: ImageDataset, loss_fn, device, run_dir: Path, results_path: Path,
     resuming: bool = False,
 ) -> dict[str, float]:
-    """Initialize, load or train the model as ``cfg.weights`` says; return training metrics.
+    """Initialize, load or train the model as ``cfg.weights`` specifies; return training metrics.
 
     When resuming a run folder whose training finished, the saved
     ``checkpoint.pt`` is loaded instead of training again. Under torchrun only
@@ -364,7 +364,7 @@ def open_results_file(cfg: DictConfig, path: Path, config_yaml: str, model_class
             return True
         if not cfg.overwrite:
             raise VizpipeError(
-                f"{path} holds results of another config or cannot be read; use a new run folder, "
+                f"{path} contains results of another config or cannot be read; use a new run folder, "
                 "or overwrite=true to replace it"
             )
         log.warning("Replacing %s (overwrite=true)", path)
@@ -403,10 +403,10 @@ def finished_metrics(results_path: Path, group: str) -> dict[str, float] | None:
 def run_job(cfg: DictConfig, run_dir: Path, run_name: str | None = None, sweep: SweepInfo | None = None) -> JobSummary:
     """Run one job end to end and return where its outputs are.
 
-    Order matters for safety: the MLflow run starts first, so a job that fails
-    on a bad value is still recorded (FAILED, with its error); the config and
-    layers are checked before any training; results.h5 is written before
-    anything is logged to MLflow; the run always ends, as FAILED or KILLED when
+    Order matters for safety. The MLflow run starts first, so a job that fails
+    on a bad value is still recorded (FAILED, with its error). The config and
+    layers are checked before any training, and results.h5 is written before
+    anything is logged to MLflow. The run always ends, as FAILED or KILLED when
     the job stops early. ``sweep`` makes the run a child of the sweep's parent.
     A run folder whose results.h5 came from the same config is resumed:
     finished analyses are kept and a partial landscape continues where it
@@ -577,12 +577,12 @@ def expand_paths(patterns: list[str], what: str) -> list[str]:
 
 
 def landscape_directions(options, cfg: DictConfig, model: nn.Module) -> Directions:
-    """Build the directions the landscape config asks for (random, target, PCA, or from a results file)."""
+    """Build the directions the landscape config requests (random, target, PCA, or from a results file)."""
     if options.directions_from:
         source = resolve_results_path(options.directions_from)
         results = store.read_results(source)
         if "landscape" not in results:
-            raise VizpipeError(f"{source} holds no landscape, so it has no directions to reuse")
+            raise VizpipeError(f"{source} contains no landscape, so it has no directions to reuse")
         directions = records.directions_from_group(results["landscape"], results.group_attrs["landscape"])
         include_buffers = any(name not in dict(model.named_parameters()) for name in directions.names)
         try:

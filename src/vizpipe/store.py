@@ -217,9 +217,9 @@ class PointWriter:
     ``loss``, ``accuracy`` and ``done`` must exist in ``group`` beforehand. Data
     are flushed at most every ``flush_every`` seconds and on exit.
 
-    The file is opened at the first ``write``, not on entry: a process forked
-    while an HDF5 file is open (torch.compile's worker pool, say) writes its stale
-    copy back when it exits, so nothing may be open while the model compiles.
+    The file is opened at the first ``write``, not on entry. A process forked
+    while an HDF5 file is open (torch.compile's worker pool, say) writes its
+    stale copy back when it exits, so nothing may be open while the model compiles.
     """
 
     def __init__(self, path: str | Path, group: str, flush_every: float = 2.0):
