@@ -241,3 +241,27 @@ def test_resnet8_presets_run_on_digits(tmp_path, experiment):
         else:
             assert handle["hessian/eigenvalues"].shape == (29,)
             assert handle["hessian/converged"][()].all()
+
+
+def test_added_key_with_typo_rejected(tmp_path):
+    completed = run_cli(
+        [f"hydra.run.dir={tmp_path}/run", f"output_root={tmp_path}/outputs", *BASE,
+         "analysis=[landscape]", "+analysis.landscape.resolutoin=5"],
+        cwd=tmp_path,
+    )
+    assert_clean_error(completed, "unknown config key 'analysis.landscape.resolutoin'", "resolution")
+
+
+def test_override_of_unselected_analysis(tmp_path):
+    completed = run_cli(["analysis=[landscape]", "analysis.hessian.method=lanczos"], cwd=tmp_path)
+    assert_clean_error(completed, "analysis.hessian.method is set", "analysis=[landscape,hessian]")
+
+
+def test_hessian_include_checked_before_training(tmp_path):
+    completed = run_cli(
+        [f"hydra.run.dir={tmp_path}/run", f"output_root={tmp_path}/outputs", *BASE,
+         "analysis=[hessian]", "analysis.hessian.include=[conv9.weight]"],
+        cwd=tmp_path,
+    )
+    assert_clean_error(completed, "'conv9.weight'", "conv1.weight")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

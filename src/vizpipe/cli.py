@@ -281,7 +281,37 @@ def log_main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
+def unselected_analysis_override(arguments: list[str]) -> str | None:
+    """Return an error message when an override sets a key of an analysis the same command deselects.
+
+    Hydra fails on such an override with an internal AssertionError, so the
+    command line is checked before Hydra composes the config.
+    """
+    selected = None
+    for argument in arguments:
+        if argument.startswith("analysis="):
+            value = argument.split("=", 1)[1].strip()
+            if "," in value and not value.startswith("["):
+                return None  # a sweep over selections: each job differs, leave it to Hydra
+            selected = [name.strip() for name in value.strip("[]").split(",") if name.strip()]
+    if selected is None:
+        return None
+    for argument in arguments:
+        if argument.startswith("analysis.") and "=" in argument:
+            name = argument.split(".")[1].split("=")[0]
+            if name not in selected:
+                return (
+                    f"{argument.split('=')[0]} is set, but analysis={','.join(selected)} does not select {name}; "
+                    f"add it, e.g. analysis=[{','.join([*selected, name])}], or drop the override"
+                )
+    return None
+
+
 def main() -> None:
+    message = unselected_analysis_override(sys.argv[1:])
+    if message is not None:
+        print(f"vizpipe: error: {message}", file=sys.stderr)
+        sys.exit(2)
     _run()
 
 

@@ -4,6 +4,7 @@ write results.h5, log to MLflow and render the figures."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
@@ -42,12 +43,35 @@ from vizpipe.analyses.directions import (
 from vizpipe.analyses.landscape import coordinates
 from vizpipe.analyses.modules import conv_layer_names, find_layer
 from vizpipe.data.base import ImageDataset, batches
-from vizpipe.errors import VizpipeError
+from vizpipe.config import (
+    ActivationMaximizationConfig,
+    AnalysesConfig,
+    ConvKernelsConfig,
+    EvaluationConfig,
+    FiguresConfig,
+    HessianConfig,
+    LandscapeConfig,
+    TrackingConfig,
+    VizpipeConfig,
+    WeightsConfig,
+)
+from vizpipe.errors import VizpipeError, suggest
 from vizpipe.render import render_results, resolve_results_path
 from vizpipe.tracking import SweepInfo, Tracker, job_run_name
 from vizpipe.training import load_checkpoint, read_state_dict, train, weight_fingerprint
 
 log = logging.getLogger("vizpipe")
+
+# Schema dataclasses by the name their fields are annotated with (the
+# annotations are strings under ``from __future__ import annotations``).
+_SCHEMA_TYPES = {
+    cls.__name__: cls
+    for cls in (
+        AnalysesConfig, ConvKernelsConfig, LandscapeConfig, HessianConfig, ActivationMaximizationConfig,
+        WeightsConfig, EvaluationConfig, TrackingConfig, FiguresConfig,
+    )
+}
+_SCHEMA_TYPES.update({f"Optional[{name}]": cls for name, cls in list(_SCHEMA_TYPES.items())})
 
 WEIGHT_SOURCES = ("random", "checkpoint", "train")
 ANALYSIS_ORDER = ("conv_kernels", "landscape", "hessian", "activation_maximization")
@@ -71,8 +95,24 @@ class JobSummary:
     seconds: float = 0.0
 
 
+def _check_known_keys(node: Any, schema: type, where: str) -> None:
+    """Reject keys that the schema lacks: Hydra lets a ``+key=value`` override add any key."""
+    if not OmegaConf.is_dict(node):
+        return
+    known = {item.name for item in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in known:
+            name = f"{where}.{key}" if where else key
+            raise VizpipeError(f"unknown config key {name!r}. {suggest(str(key), sorted(known))} Check the spelling")
+        field_type = next(item.type for item in dataclasses.fields(schema) if item.name == key)
+        nested = _SCHEMA_TYPES.get(field_type if isinstance(field_type, str) else getattr(field_type, "__name__", ""))
+        if nested is not None:
+            _check_known_keys(node[key], nested, f"{where}.{key}" if where else key)
+
+
 def validate(cfg: DictConfig) -> None:
     """Check value ranges the schema's types cannot express; raise ``VizpipeError`` on the first bad one."""
+    _check_known_keys(cfg, VizpipeConfig, "")
 
     def require(condition: bool, message: str) -> None:
         if not condition:
@@ -240,6 +280,18 @@ def check_layers(cfg: DictConfig, model: nn.Module, image_shape: list[int], devi
     if kernels is not None and kernels.layers is not None:
         for name in kernels.layers:
             find_layer(model, name, (nn.Conv2d,), "conv kernels")
+    elif kernels is not None and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise VizpipeError(
+            f"{type(model).__name__} has no Conv2d layer to draw kernels of; drop conv_kernels from analysis=[...]"
+        )
+    hessian = cfg.analysis.hessian
+    if hessian is not None and hessian.include is not None:
+        names = [name for name, _ in model.named_parameters()]
+        for name in hessian.include:
+            if name not in names:
+                raise VizpipeError(
+                    f"unknown parameter {name!r} in analysis.hessian.include. {suggest(name, names)}"
+                )
     am = cfg.analysis.activation_maximization
     if am is not None:
         if am.layers is None and not conv_layer_names(model):
@@ -247,6 +299,8 @@ def check_layers(cfg: DictConfig, model: nn.Module, image_shape: list[int], devi
                 f"{type(model).__name__} has no convolution layer; set analysis.activation_maximization.layers"
             )
         channels = parse_channels(am.channels)
+        if channels is not None and not channels:
+            raise VizpipeError("analysis.activation_maximization.channels is empty; use all, an index or a list of indices")
         for name in am.layers if am.layers is not None else conv_layer_names(model):
             module = find_layer(model, name, purpose="activation maximization")
             if channels is None:

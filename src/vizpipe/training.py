@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
+import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ def train(
             loss = loss_fn(outputs, targets)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(inputs)
+            total += float(loss.detach()) * len(inputs)
             correct += int((outputs.argmax(dim=1) == targets).sum())
             count += len(inputs)
         model.eval()
@@ -90,16 +91,23 @@ def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
     path = Path(path).expanduser()
     if not path.is_file():
         raise VizpipeError(f"{what} not found: {path}; give the path of an existing state_dict file")
+    if not zipfile.is_zipfile(path) and not _looks_like_legacy_torch_file(path):
+        raise VizpipeError(
+            f"{what} {path} is not a PyTorch file (torch.save writes a zip archive); it may be truncated or of "
+            "another format. Save it with torch.save(model.state_dict(), path)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0]
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", _plain_text(error))
+        culprit = f" (it references {found.group(1)})" if found else ""
         raise VizpipeError(
-            f"{what} {path} was rejected by weights_only loading ({first_line}); it holds objects other than "
-            "tensors, which could run code. Save the model with torch.save(model.state_dict(), path)"
+            f"{what} {path} was rejected by weights_only loading{culprit}: it contains Python objects other than "
+            "tensors, which could run code. Save only the weights with torch.save(model.state_dict(), path)"
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise VizpipeError(f"{what} {path} is truncated or not a PyTorch file ({error})") from error
+        first_line = _plain_text(error).splitlines()[0] if str(error).strip() else type(error).__name__
+        raise VizpipeError(f"{what} {path} is truncated or not a PyTorch file ({first_line})") from error
 
     if isinstance(state, dict):
         for wrapper in ("state_dict", "model"):
@@ -111,6 +119,17 @@ def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
             f"{what} {path} is not a state_dict (a dict of tensors); save it with torch.save(model.state_dict(), path)"
         )
     return state
+
+
+def _plain_text(error: BaseException) -> str:
+    """The error's message without terminal colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+
+
+def _looks_like_legacy_torch_file(path: Path) -> bool:
+    """True for the pickle-based format torch.save wrote before PyTorch 1.6 (it starts with a pickle opcode)."""
+    with path.open("rb") as handle:
+        return handle.read(1) == b"\x80"
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
@@ -143,7 +162,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(state)
 
 
-def _short_list(items: list[str], limit: int = 8) -> str:
+def _short_list(items: list[str], limit: int = 4) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
