@@ -1,0 +1,113 @@
+"""Hessian-vector products of a model's loss, as a block-diagonal linear operator.
+
+A block is a list of parameter tensors. For block ``b`` the operator applies
+``H_bb``, the Hessian of the mean loss with respect to that block's parameters
+alone, all others held fixed; one block holding every parameter is the whole
+Hessian. Vectors are flat: the block's parameters flattened and concatenated.
+
+The products use double backward: ``H_bb v = d/dp_b (g_b . v)`` with ``g_b`` the
+gradient built with ``create_graph=True``. With one batch the gradient graph is
+built once and reused for every product; with several, each batch's graph is
+built, used and freed in turn, so memory does not grow with the number of
+batches. Under torchrun each rank passes its own batches; products and sample
+counts are summed over ranks, so every rank gets the full-data product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from vizpipe import distributed
+from vizpipe.analyses.evaluation import Batch, LossFn
+
+
+class HessianOperator:
+    """Block-diagonal Hessian of the mean loss over ``batches``.
+
+    Args:
+        model: used as is (set eval mode before, if wanted); no ``.grad`` is written.
+        batches: (inputs, targets) pairs; each batch mean is weighted by its sample count.
+        loss_fn: mean-reduced loss.
+        parameters: the tensors the blocks index into; all must require grad.
+        blocks: lists of indices into ``parameters``; default one block per tensor.
+
+    ``products`` counts Hessian-vector products (one per block and call).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[Batch],
+        loss_fn: LossFn,
+        parameters: Sequence[torch.Tensor],
+        blocks: Sequence[Sequence[int]] | None = None,
+    ):
+        self.model = model
+        self.batches = list(batches)
+        self.loss_fn = loss_fn
+        self.parameters = list(parameters)
+        self.blocks = [list(block) for block in blocks] if blocks is not None else [[i] for i in range(len(self.parameters))]
+        self.sizes = [sum(self.parameters[i].numel() for i in block) for block in self.blocks]
+        local = torch.tensor([float(sum(inputs.shape[0] for inputs, _ in self.batches))], dtype=torch.float64)
+        self.num_samples = int(distributed.all_reduce_sum(local).item())
+        self.products = 0
+        self._cached_gradients: tuple | None = None
+        first = self.parameters[0]
+        self.dtype, self.device = first.dtype, first.device
+
+    def release(self) -> None:
+        """Free the cached gradient graph."""
+        self._cached_gradients = None
+
+    def _gradients(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple:
+        if self._cached_gradients is not None:
+            return self._cached_gradients
+        loss = self.loss_fn(self.model(inputs), targets)
+        gradients = torch.autograd.grad(loss, self.parameters, create_graph=True, allow_unused=True)
+        if len(self.batches) == 1:
+            self._cached_gradients = gradients
+        return gradients
+
+    def split(self, block: int, vector: torch.Tensor) -> list[torch.Tensor]:
+        """View a flat block vector as one tensor per parameter of the block."""
+        pieces = vector.split([self.parameters[i].numel() for i in self.blocks[block]])
+        return [piece.view_as(self.parameters[i]) for piece, i in zip(pieces, self.blocks[block])]
+
+    def matvec(self, vectors: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Return ``{b: H_bb v_b}`` for the flat vectors ``{b: v_b}``, one pass over the data."""
+        products = {b: torch.zeros(self.sizes[b], dtype=self.dtype, device=self.device) for b in vectors}
+        for inputs, targets in self.batches:
+            gradients = self._gradients(inputs, targets)
+            weight = inputs.shape[0] / self.num_samples
+            for b, vector in vectors.items():
+                indices = [i for i in self.blocks[b] if gradients[i] is not None and gradients[i].requires_grad]
+                if not indices:
+                    continue  # the gradient does not depend on this block: H_bb = 0
+                pieces = dict(zip(self.blocks[b], self.split(b, vector)))
+                outputs = torch.autograd.grad(
+                    [gradients[i] for i in indices],
+                    [self.parameters[i] for i in self.blocks[b]],
+                    [pieces[i] for i in indices],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                flat = [
+                    torch.zeros(self.parameters[i].numel(), dtype=self.dtype, device=self.device) if out is None
+                    else out.detach().flatten()
+                    for i, out in zip(self.blocks[b], outputs)
+                ]
+                products[b] += weight * torch.cat(flat)
+        self.products += len(vectors)
+        if distributed.is_initialized():
+            for b in products:
+                distributed.all_reduce_sum(products[b])
+        return products
+
+    def dense_block(self, block: int) -> torch.Tensor:
+        """Return ``H_bb`` as a dense matrix, one product per column (for tiny blocks and tests)."""
+        size = self.sizes[block]
+        columns = [self.matvec({block: torch.eye(size, dtype=self.dtype, device=self.device)[j]})[block] for j in range(size)]
+        return torch.stack(columns, dim=1)
