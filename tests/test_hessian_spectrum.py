@@ -1,0 +1,115 @@
+import math
+
+import pytest
+import torch
+from test_hessian import TinyMLP, exact_full_hessian
+from torch import nn
+
+from vizpipe.analyses.hessian_spectrum import hessian_density, hessian_top_eigenvalues, hessian_trace
+from vizpipe.errors import VizpipeError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def mlp_problem():
+    torch.manual_seed(3)
+    model = TinyMLP().double()
+    x = torch.randn(60, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (60,))
+    names = [name for name, _ in model.named_parameters()]
+    return model, x, y, exact_full_hessian(model, x, y, nn.CrossEntropyLoss(), names)
+
+
+def test_top_k_matches_exact(mlp_problem):
+    model, x, y, exact = mlp_problem
+    expected = torch.linalg.eigvalsh(exact).flip(0)[:4]
+    result = hessian_top_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), k=4, max_iterations=66, tol=1e-10,
+                                     eigenvectors=True, progress=False)
+    torch.testing.assert_close(result.eigenvalues, expected, rtol=1e-6, atol=0)
+    assert result.converged
+    assert result.iterations < exact.shape[0], "Lanczos should converge before spanning the whole space"
+    assert float(result.residuals.max()) < 1e-4
+    assert result.eigenvectors.shape == (4, exact.shape[0])
+    for value, vector in zip(expected, result.eigenvectors):
+        assert float((exact @ vector - value * vector).norm()) <= 1e-5 * float(value)
+
+
+def test_top_k_rejects_too_large_k(mlp_problem):
+    model, x, y, exact = mlp_problem
+    with pytest.raises(VizpipeError, match=f"only {exact.shape[0]} entries"):
+        hessian_top_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), k=exact.shape[0] + 1,
+                                max_iterations=500, progress=False)
+
+
+def rademacher_standard_error(matrix, probes):
+    """Exact standard error of Hutchinson's estimator: Var(z^T H z) = 2 (||H||_F^2 - sum H_ii^2)."""
+    off_diagonal = float((matrix**2).sum() - (torch.diagonal(matrix) ** 2).sum())
+    return math.sqrt(2 * off_diagonal / probes)
+
+
+def test_trace_within_three_standard_errors(mlp_problem):
+    model, x, y, exact = mlp_problem
+    result = hessian_trace(model, [(x, y)], nn.CrossEntropyLoss(), max_probes=400, min_probes=10,
+                           relative_standard_error=0.1, progress=False)
+    probes = len(result.samples)
+    assert result.converged
+    assert 10 <= probes < 400
+    assert result.standard_error <= 0.1 * abs(result.trace)
+    true_error = rademacher_standard_error(exact, probes)
+    assert abs(result.trace - float(torch.trace(exact))) <= 3 * true_error
+    assert result.standard_error == pytest.approx(true_error, rel=0.6)
+
+
+def test_trace_stops_at_max_probes_when_target_unreachable(mlp_problem):
+    model, x, y, _ = mlp_problem
+    result = hessian_trace(model, [(x, y)], nn.CrossEntropyLoss(), max_probes=5, min_probes=3,
+                           relative_standard_error=1e-9, progress=False)
+    assert not result.converged
+    assert len(result.samples) == 5
+
+
+def test_density_integrates_to_one_with_mean_trace_over_n(mlp_problem):
+    model, x, y, exact = mlp_problem
+    n = exact.shape[0]
+    runs = 8
+    result = hessian_density(model, [(x, y)], nn.CrossEntropyLoss(), runs=runs, steps=30, sigma=0.01,
+                             grid_points=4000, seed=1, progress=False)
+    assert result.nodes.shape == (runs, 30)
+    torch.testing.assert_close(result.weights.sum(dim=1), torch.ones(runs, dtype=torch.float64))
+    assert float(torch.trapezoid(result.density, result.grid)) == pytest.approx(1.0, abs=1e-3)
+    mean = float(torch.trapezoid(result.grid * result.density, result.grid))
+    quadrature_mean = float((result.nodes * result.weights).sum() / runs)
+    assert mean == pytest.approx(quadrature_mean, rel=1e-3)
+    # Gaussian unit vectors: Var(v^T H v) = 2 (n ||H||_F^2 - tr(H)^2) / (n^2 (n + 2))
+    trace = float(torch.trace(exact))
+    variance = 2 * (n * float((exact**2).sum()) - trace**2) / (n**2 * (n + 2))
+    assert abs(quadrature_mean - trace / n) <= 3 * math.sqrt(variance / runs)
+    eigenvalues = torch.linalg.eigvalsh(exact)
+    assert float(result.nodes.max()) == pytest.approx(float(eigenvalues.max()), rel=1e-6)
+
+
+def test_frozen_and_unused_whole_model_without_nan():
+    class WithUnused(TinyMLP):
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Parameter(torch.ones(2))
+
+    torch.manual_seed(0)
+    model = WithUnused().double()
+    model.hidden.bias.requires_grad_(False)
+    x = torch.randn(20, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    top = hessian_top_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), k=2, max_iterations=60, progress=False)
+    trace = hessian_trace(model, [(x, y)], nn.CrossEntropyLoss(), max_probes=20, progress=False)
+    density = hessian_density(model, [(x, y)], nn.CrossEntropyLoss(), runs=2, steps=10, progress=False)
+    assert "hidden.bias" not in top.parameter_names and "unused" in top.parameter_names
+    assert not torch.isnan(top.eigenvalues).any()
+    assert not math.isnan(trace.trace) and not math.isnan(trace.standard_error)
+    assert not torch.isnan(density.density).any()
