@@ -178,8 +178,6 @@ def hessian_block_eigenvalues(
     """
     _check_options(method, group_by, which, max_iterations, tol)
     batches = list(batches)
-    if not batches:
-        raise VizpipeError("the Hessian needs at least one evaluation batch")
     selected, skipped = select_parameters(model, include, exclude)
     names = [name for name, _ in selected]
     block_names, blocks = group_blocks(model, names, group_by)

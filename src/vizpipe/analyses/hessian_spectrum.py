@@ -73,12 +73,9 @@ class SpectralDensity:
 
 
 def _operator(model, batches, loss_fn, include, exclude) -> tuple[HessianOperator, list[str]]:
-    batches = list(batches)
-    if not batches:
-        raise VizpipeError("the Hessian needs at least one evaluation batch")
     selected, _ = select_parameters(model, include, exclude)
     parameters = [p for _, p in selected]
-    operator = HessianOperator(model, batches, loss_fn, parameters, [list(range(len(parameters)))])
+    operator = HessianOperator(model, list(batches), loss_fn, parameters, [list(range(len(parameters)))])
     return operator, [name for name, _ in selected]
 
 

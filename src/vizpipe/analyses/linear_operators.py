@@ -22,6 +22,7 @@ from torch import nn
 
 from vizpipe import distributed
 from vizpipe.analyses.evaluation import Batch, LossFn
+from vizpipe.errors import VizpipeError
 
 
 class HessianOperator:
@@ -53,6 +54,8 @@ class HessianOperator:
         self.sizes = [sum(self.parameters[i].numel() for i in block) for block in self.blocks]
         local = torch.tensor([float(sum(inputs.shape[0] for inputs, _ in self.batches))], dtype=torch.float64)
         self.num_samples = int(distributed.all_reduce_sum(local).item())
+        if self.num_samples == 0:
+            raise VizpipeError("the Hessian needs at least one evaluation sample")
         self.products = 0
         self._cached_gradients: tuple | None = None
         first = self.parameters[0]
