@@ -5,7 +5,13 @@ import torch
 from test_hessian import TinyMLP, exact_full_hessian
 from torch import nn
 
-from vizpipe.analyses.hessian_spectrum import hessian_density, hessian_top_eigenvalues, hessian_trace
+from vizpipe.analyses.hessian_spectrum import (
+    eigenvector_directions,
+    hessian_density,
+    hessian_top_eigenvalues,
+    hessian_trace,
+)
+from vizpipe.analyses.landscape import loss_landscape
 from vizpipe.errors import VizpipeError
 
 
@@ -113,3 +119,18 @@ def test_frozen_and_unused_whole_model_without_nan():
     assert not torch.isnan(top.eigenvalues).any()
     assert not math.isnan(trace.trace) and not math.isnan(trace.standard_error)
     assert not torch.isnan(density.density).any()
+
+
+def test_eigenvector_directions_give_landscape_curvature(mlp_problem):
+    """Along a unit eigenvector the loss's second difference is its eigenvalue."""
+    model, x, y, exact = mlp_problem
+    top = hessian_top_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), k=2, max_iterations=66, tol=1e-10,
+                                  eigenvectors=True, progress=False)
+    first, second = eigenvector_directions(model, top)
+    step = 1e-3
+    result = loss_landscape(model, [(x, y)], nn.CrossEntropyLoss(), noise_range=step, resolution=3,
+                            directions=(first, second), progress=False)
+    along_first = float(result.loss[1, 0] + result.loss[1, 2] - 2 * result.loss[1, 1]) / step**2
+    along_second = float(result.loss[0, 1] + result.loss[2, 1] - 2 * result.loss[1, 1]) / step**2
+    assert along_first == pytest.approx(float(top.eigenvalues[0]), rel=1e-4)
+    assert along_second == pytest.approx(float(top.eigenvalues[1]), rel=1e-4)

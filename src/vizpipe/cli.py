@@ -58,7 +58,8 @@ def _figures(cfg: DictConfig) -> None:
 
     try:
         paths = render_results(
-            cfg.source, cfg.out_dir, list(cfg.formats), cfg.log_scale, cfg.max_val, cfg.kernel_normalize
+            cfg.source, cfg.out_dir, list(cfg.formats), cfg.log_scale, cfg.max_val, cfg.kernel_normalize,
+            cfg.hessian_symlog,
         )
     except VizpipeError as error:
         _fail(error)

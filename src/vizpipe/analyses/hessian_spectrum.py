@@ -266,3 +266,23 @@ def hessian_density(
     gaussians = torch.exp(-0.5 * ((grid[:, None] - nodes.flatten()[None, :]) / scale) ** 2) / (scale * math.sqrt(2 * math.pi))
     density = (gaussians * weights.flatten()[None, :]).sum(dim=1) / len(all_nodes)
     return SpectralDensity(nodes, weights, grid, density, scale, operator.sizes[0])
+
+
+def eigenvector_directions(model: nn.Module, top: TopEigenvalues) -> list[list[torch.Tensor]]:
+    """Split each top eigenvector into one tensor per parameter of ``model``, for ``loss_landscape``.
+
+    Parameters outside the eigenvectors (frozen or excluded) get zero tensors.
+    Pass two of the returned directions as ``loss_landscape(..., directions=(d1, d2))``;
+    each has unit norm, so landscape coordinates are distances in weight space.
+    """
+    if top.eigenvectors is None:
+        raise VizpipeError("the top-k result holds no eigenvectors; run it with eigenvectors=True")
+    named = dict(model.named_parameters())
+    directions = []
+    for vector in top.eigenvectors:
+        pieces = dict(zip(top.parameter_names, vector.split([named[n].numel() for n in top.parameter_names])))
+        directions.append([
+            pieces[name].view_as(p).detach().clone() if name in pieces else torch.zeros_like(p).detach()
+            for name, p in named.items()
+        ])
+    return directions
