@@ -238,7 +238,7 @@ def test_unmatched_pattern_names_the_fix(tiny_problem):
     model, x, y = tiny_problem
     with pytest.raises(VizpipeError, match=r"include pattern 'conv.wieght' matches no parameter.*conv.weight"):
         hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), include=["conv.wieght"], progress=False)
-    with pytest.raises(VizpipeError, match="group_by 'layer'"):
+    with pytest.raises(VizpipeError, match="group_by .layer."):
         hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), group_by="layer", progress=False)
 
 

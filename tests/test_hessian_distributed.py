@@ -37,6 +37,6 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     # The same two weighted batch products, summed in the same order: equal to the last bit.
     for key in ("blocks", "iterations", "top", "trace"):
         assert torch.equal(ranks[key], same_batches[key]), key
-    # One full batch sums in another order, so equality holds to rounding only.
+    # One full batch sums in another order, so the numbers agree to rounding only.
     for key in ("blocks", "top", "trace"):
         torch.testing.assert_close(ranks[key], one_batch[key], rtol=1e-9, atol=1e-12)

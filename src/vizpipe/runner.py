@@ -378,12 +378,14 @@ def _run_hessian(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_
     all_batches = batches(x, y, cfg.evaluation.batch_size)
     # Under torchrun each rank takes its share of the batches; the products are summed over ranks.
     mine = [all_batches[i] for i in distributed.shard(len(all_batches))]
+
     selection = {
         "include": list(options.include) if options.include is not None else None,
         "exclude": list(options.exclude) if options.exclude is not None else None,
     }
     common = {"seed": cfg.seed, "progress": cfg.progress, **selection}
     blocks = top = trace = density = None
+
     if options.blocks:
         blocks = hessian_block_eigenvalues(
             model, mine, loss_fn, method=options.method, max_iterations=options.max_iterations, tol=options.tol,
@@ -408,6 +410,7 @@ def _run_hessian(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_
             model, mine, loss_fn, runs=options.density_runs, steps=options.density_steps, sigma=options.density_sigma,
             grid_points=options.density_grid_points, **common,
         )
+
     if distributed.is_main():
         for record in records.hessian_records(blocks, top, trace, density):
             store.write_group(results_path, *record)

@@ -60,8 +60,8 @@ class SpectralDensity:
     """Stochastic Lanczos quadrature: ``runs`` sets of Gauss nodes and weights, and the smoothed density.
 
     ``density`` is the average over runs of Gaussians of width ``sigma`` at the
-    nodes, weighted by the quadrature weights, on ``grid``; it integrates to
-    about 1 and its mean estimates ``trace / n``.
+    nodes, weighted by the quadrature weights, on ``grid``. It integrates to
+    about 1, and its mean estimates ``trace / n``.
     """
 
     nodes: torch.Tensor  # [runs, steps]
@@ -115,7 +115,7 @@ def hessian_top_eigenvalues(
 ) -> TopEigenvalues:
     """Compute the ``k`` largest algebraic eigenvalues of the whole Hessian by Lanczos.
 
-    Lanczos keeps its basis (``iterations`` vectors of the model's size); it
+    Lanczos keeps its basis, ``iterations`` vectors of the model's size. It
     stops when each of the ``k`` Ritz values changes by less than ``tol``
     relative, or after ``max_iterations`` products. The model runs in eval mode.
     """
@@ -276,7 +276,7 @@ def eigenvector_directions(model: nn.Module, top: TopEigenvalues) -> list[list[t
     each has unit norm, so landscape coordinates are distances in weight space.
     """
     if top.eigenvectors is None:
-        raise VizpipeError("the top-k result holds no eigenvectors; run it with eigenvectors=True")
+        raise VizpipeError("missing eigenvectors in the top-k result; rerun hessian_top_eigenvalues with eigenvectors=True")
     named = dict(model.named_parameters())
     directions = []
     for vector in top.eigenvectors:
