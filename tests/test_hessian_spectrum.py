@@ -4,7 +4,9 @@ import pytest
 import torch
 from test_hessian import TinyMLP, exact_full_hessian
 from torch import nn
+from torch.func import functional_call, hessian, jacrev
 
+from vizpipe.analyses import hessian_block_eigenvalues
 from vizpipe.analyses.hessian_spectrum import (
     eigenvector_directions,
     hessian_density,
@@ -136,3 +138,39 @@ def test_eigenvector_directions_give_landscape_curvature(mlp_problem):
     along_second = float(result.loss[0, 1] + result.loss[2, 1] - 2 * result.loss[1, 1]) / step**2
     assert along_first == pytest.approx(float(top.eigenvalues[0]), rel=1e-4)
     assert along_second == pytest.approx(float(top.eigenvalues[1]), rel=1e-4)
+
+
+def exact_ggn(model, x, y, names):
+    """``J^T H_z J`` over the flattened parameters ``names``, from dense Jacobians."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    shapes = [(name, params[name].shape, params[name].numel()) for name in names]
+    flat = torch.cat([params[name].flatten() for name in names])
+
+    def outputs_of(vector):
+        merged, offset = dict(params), 0
+        for name, shape, count in shapes:
+            merged[name] = vector[offset : offset + count].view(shape)
+            offset += count
+        return functional_call(model, merged, (x,))
+
+    outputs = outputs_of(flat)
+    jacobian = jacrev(outputs_of)(flat).reshape(outputs.numel(), -1)
+    output_hessian = hessian(lambda z: nn.functional.cross_entropy(z.view_as(outputs), y))(outputs.flatten())
+    return jacobian.T @ output_hessian @ jacobian
+
+
+def test_ggn_blocks_and_top_k_match_exact(mlp_problem):
+    model, x, y, _ = mlp_problem
+    blocks = hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), method="lanczos", which="extremes",
+                                       curvature="ggn", max_iterations=100, tol=1e-12, progress=False)
+    assert blocks.curvature == "ggn"
+    for name, largest, smallest in zip(blocks.block_names, blocks.largest.tolist(), blocks.smallest.tolist()):
+        eigenvalues = torch.linalg.eigvalsh(exact_ggn(model, x, y, [name]))
+        assert largest == pytest.approx(float(eigenvalues.max()), rel=1e-6), name
+        assert smallest >= -1e-10 * largest, f"{name}: the GGN is positive semi-definite"
+
+    names = [name for name, _ in model.named_parameters()]
+    expected = torch.linalg.eigvalsh(exact_ggn(model, x, y, names)).flip(0)[:3]
+    top = hessian_top_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), k=3, max_iterations=66, tol=1e-10,
+                                  curvature="ggn", progress=False)
+    torch.testing.assert_close(top.eigenvalues, expected, rtol=1e-6, atol=0)

@@ -62,6 +62,7 @@ class HessianConfig:
     max_iterations: int = 100  # Hessian-vector products per block at most (per phase for power_iteration extremes)
     tol: float = 1e-4  # relative change of the estimate that stops a block
     group_by: str = "parameter"  # parameter | module
+    curvature: str = "hessian"  # hessian | ggn (generalized Gauss-Newton, positive semi-definite)
     which: str = "magnitude"  # magnitude | extremes (also the largest and smallest algebraic eigenvalues)
     include: Optional[List[str]] = None  # fnmatch patterns on parameter names; None: every trainable parameter
     exclude: Optional[List[str]] = None  # fnmatch patterns removed from the selection

@@ -92,6 +92,7 @@ def hessian_records(
             "method": blocks.method,
             "group_by": blocks.group_by,
             "which": blocks.which,
+            "curvature": blocks.curvature,
             "max_iterations": blocks.max_iterations,
             "tol": blocks.tol,
             "num_samples": blocks.num_samples,

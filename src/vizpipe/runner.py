@@ -112,6 +112,7 @@ def _validate_hessian(hess: DictConfig, require) -> None:
             "analysis.hessian computes nothing; set blocks=true, top_k>0, trace=true or density=true")
     require(hess.method in ("power_iteration", "lanczos"), f"{prefix}.method {hess.method!r}; use power_iteration or lanczos")
     require(hess.group_by in ("parameter", "module"), f"{prefix}.group_by {hess.group_by!r}; use parameter or module")
+    require(hess.curvature in ("hessian", "ggn"), f"{prefix}.curvature {hess.curvature!r}; use hessian or ggn")
     require(hess.which in ("magnitude", "extremes"), f"{prefix}.which {hess.which!r}; use magnitude or extremes")
     for key in ("max_iterations", "top_k_max_iterations", "density_runs", "density_steps"):
         require(hess[key] >= 1, f"{prefix}.{key} {hess[key]}: it must be at least 1")
@@ -383,7 +384,7 @@ def _run_hessian(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_
         "include": list(options.include) if options.include is not None else None,
         "exclude": list(options.exclude) if options.exclude is not None else None,
     }
-    common = {"seed": cfg.seed, "progress": cfg.progress, **selection}
+    common = {"seed": cfg.seed, "progress": cfg.progress, "curvature": options.curvature, **selection}
     blocks = top = trace = density = None
 
     if options.blocks:

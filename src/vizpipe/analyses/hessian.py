@@ -57,6 +57,7 @@ class HessianResult:
     method: str
     group_by: str
     which: str
+    curvature: str
     max_iterations: int
     tol: float
     num_samples: int
@@ -144,6 +145,7 @@ def hessian_block_eigenvalues(
     exclude: list[str] | None = None,
     group_by: str = "parameter",
     which: str = "magnitude",
+    curvature: str = "hessian",
     progress: bool = True,
 ) -> HessianResult:
     """Compute the dominant eigenvalue of each parameter tensor's (or module's) own Hessian block.
@@ -170,6 +172,8 @@ def hessian_block_eigenvalues(
             per module's own parameters).
         which: ``"magnitude"`` for the largest-magnitude eigenvalue, or
             ``"extremes"`` to also get the largest and smallest algebraic ones.
+        curvature: ``"hessian"``, or ``"ggn"`` for the generalized Gauss-Newton
+            matrix's blocks (positive semi-definite for a convex loss).
 
     Example::
 
@@ -181,7 +185,7 @@ def hessian_block_eigenvalues(
     selected, skipped = select_parameters(model, include, exclude)
     names = [name for name, _ in selected]
     block_names, blocks = group_blocks(model, names, group_by)
-    operator = HessianOperator(model, batches, loss_fn, [p for _, p in selected], blocks)
+    operator = HessianOperator(model, batches, loss_fn, [p for _, p in selected], blocks, curvature)
 
     generator = torch.Generator().manual_seed(seed)
     solvers: dict[int, PowerIteration | Lanczos] = {}
@@ -219,7 +223,7 @@ def hessian_block_eigenvalues(
         model.train(was_training)
 
     result = _collect(solvers, block_names, blocks, names, operator, history, iterations, skipped,
-                      method, group_by, which, max_iterations, tol, seed)
+                      method, group_by, which, curvature, max_iterations, tol, seed)
     if result.not_converged:
         log.warning(
             "Hessian: %d block(s) did not converge within %d iterations (tol %g): %s",
@@ -229,7 +233,7 @@ def hessian_block_eigenvalues(
 
 
 def _collect(solvers, block_names, blocks, names, operator, history, iterations, skipped,
-             method, group_by, which, max_iterations, tol, seed) -> HessianResult:
+             method, group_by, which, curvature, max_iterations, tol, seed) -> HessianResult:
     count = len(blocks)
 
     def column(attribute: str) -> torch.Tensor:
@@ -265,6 +269,7 @@ def _collect(solvers, block_names, blocks, names, operator, history, iterations,
         method=method,
         group_by=group_by,
         which=which,
+        curvature=curvature,
         max_iterations=max_iterations,
         tol=tol,
         num_samples=operator.num_samples,

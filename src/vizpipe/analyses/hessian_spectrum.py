@@ -1,7 +1,8 @@
 """Whole-model Hessian spectrum: top-k eigenvalues, trace and eigenvalue density.
 
 All three treat the selected parameters as one block, so the operator is the
-full Hessian of the mean loss (see ``linear_operators``). Methods follow
+full Hessian of the mean loss, or with ``curvature="ggn"`` the generalized
+Gauss-Newton matrix (see ``linear_operators``). Methods follow
 PyHessian (Yao et al. 2020, arXiv 1912.07145): Lanczos for the top
 eigenvalues, Hutchinson's estimator with Rademacher probes for the trace, and
 stochastic Lanczos quadrature (SLQ) for the density.
@@ -72,10 +73,10 @@ class SpectralDensity:
     num_parameters: int
 
 
-def _operator(model, batches, loss_fn, include, exclude) -> tuple[HessianOperator, list[str]]:
+def _operator(model, batches, loss_fn, include, exclude, curvature) -> tuple[HessianOperator, list[str]]:
     selected, _ = select_parameters(model, include, exclude)
     parameters = [p for _, p in selected]
-    operator = HessianOperator(model, list(batches), loss_fn, parameters, [list(range(len(parameters)))])
+    operator = HessianOperator(model, list(batches), loss_fn, parameters, [list(range(len(parameters)))], curvature)
     return operator, [name for name, _ in selected]
 
 
@@ -111,6 +112,7 @@ def hessian_top_eigenvalues(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     eigenvectors: bool = False,
+    curvature: str = "hessian",
     progress: bool = True,
 ) -> TopEigenvalues:
     """Compute the ``k`` largest algebraic eigenvalues of the whole Hessian by Lanczos.
@@ -123,7 +125,7 @@ def hessian_top_eigenvalues(
         raise VizpipeError(f"invalid Hessian top_k {k}: it must be at least 1")
     if max_iterations < k:
         raise VizpipeError(f"invalid max_iterations {max_iterations}: it must be at least top_k ({k})")
-    operator, names = _operator(model, batches, loss_fn, include, exclude)
+    operator, names = _operator(model, batches, loss_fn, include, exclude, curvature)
     if k > operator.sizes[0]:
         raise VizpipeError(f"invalid Hessian top_k {k}: the selected parameters have only {operator.sizes[0]} entries")
     if eigenvectors:
@@ -169,6 +171,7 @@ def hessian_trace(
     seed: int = 0,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
+    curvature: str = "hessian",
     progress: bool = True,
 ) -> TraceEstimate:
     """Estimate the Hessian's trace by Hutchinson's method with Rademacher probes.
@@ -185,7 +188,7 @@ def hessian_trace(
         )
     if not relative_standard_error > 0:
         raise VizpipeError(f"invalid relative_standard_error {relative_standard_error}: it must be positive")
-    operator, _ = _operator(model, batches, loss_fn, include, exclude)
+    operator, _ = _operator(model, batches, loss_fn, include, exclude, curvature)
     generator = torch.Generator().manual_seed(seed)
     samples: list[float] = []
     converged = False
@@ -224,6 +227,7 @@ def hessian_density(
     seed: int = 0,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
+    curvature: str = "hessian",
     progress: bool = True,
 ) -> SpectralDensity:
     """Estimate the Hessian's eigenvalue density by stochastic Lanczos quadrature.
@@ -238,7 +242,7 @@ def hessian_density(
                            "runs and steps must be at least 1, grid_points at least 2")
     if not sigma > 0:
         raise VizpipeError(f"invalid density sigma {sigma}: it must be positive")
-    operator, _ = _operator(model, batches, loss_fn, include, exclude)
+    operator, _ = _operator(model, batches, loss_fn, include, exclude, curvature)
     steps = min(steps, operator.sizes[0])
     generator = torch.Generator().manual_seed(seed)
     all_nodes, all_weights = [], []

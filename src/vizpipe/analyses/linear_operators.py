@@ -5,6 +5,13 @@ A block is a list of parameter tensors. For block ``b`` the operator applies
 alone, all others held fixed; one block holding every parameter is the whole
 Hessian. Vectors are flat: the block's parameters flattened and concatenated.
 
+With ``curvature="ggn"`` the operator is the generalized Gauss-Newton matrix
+``G = J^T H_z J`` instead (``J`` the Jacobian of the model outputs ``z`` with
+respect to the block, ``H_z`` the Hessian of the loss with respect to ``z``),
+positive semi-definite for a loss convex in the outputs such as cross-entropy
+or mean squared error. ``J v`` comes from the double-backward trick: the
+gradient of ``J^T u`` with respect to a dummy ``u``.
+
 The products use double backward: ``H_bb v = d/dp_b (g_b . v)`` with ``g_b`` the
 gradient built with ``create_graph=True``. With one batch the gradient graph is
 built once and reused for every product; with several, each batch's graph is
@@ -24,6 +31,8 @@ from vizpipe import distributed
 from vizpipe.analyses.evaluation import Batch, LossFn
 from vizpipe.errors import VizpipeError
 
+CURVATURES = ("hessian", "ggn")
+
 
 class HessianOperator:
     """Block-diagonal Hessian of the mean loss over ``batches``.
@@ -34,6 +43,7 @@ class HessianOperator:
         loss_fn: mean-reduced loss.
         parameters: the tensors the blocks index into; all must require grad.
         blocks: lists of indices into ``parameters``; default one block per tensor.
+        curvature: ``"hessian"`` or ``"ggn"`` (generalized Gauss-Newton).
 
     ``products`` counts Hessian-vector products (one per block and call).
     """
@@ -45,7 +55,11 @@ class HessianOperator:
         loss_fn: LossFn,
         parameters: Sequence[torch.Tensor],
         blocks: Sequence[Sequence[int]] | None = None,
+        curvature: str = "hessian",
     ):
+        if curvature not in CURVATURES:
+            raise VizpipeError(f"invalid curvature {curvature!r}; use one of {', '.join(CURVATURES)}")
+        self.curvature = curvature
         self.model = model
         self.batches = list(batches)
         self.loss_fn = loss_fn
@@ -58,12 +72,14 @@ class HessianOperator:
             raise VizpipeError("the Hessian needs at least one evaluation sample")
         self.products = 0
         self._cached_gradients: tuple | None = None
+        self._cached_outputs: tuple | None = None
         first = self.parameters[0]
         self.dtype, self.device = first.dtype, first.device
 
     def release(self) -> None:
         """Free the cached gradient graph."""
         self._cached_gradients = None
+        self._cached_outputs = None
 
     def _gradients(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple:
         if self._cached_gradients is not None:
@@ -74,6 +90,28 @@ class HessianOperator:
             self._cached_gradients = gradients
         return gradients
 
+    def _outputs(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the model outputs and the loss gradient with respect to them, with graphs."""
+        if self._cached_outputs is not None:
+            return self._cached_outputs
+        outputs = self.model(inputs)
+        (output_gradient,) = torch.autograd.grad(self.loss_fn(outputs, targets), outputs, create_graph=True)
+        if len(self.batches) == 1:
+            self._cached_outputs = (outputs, output_gradient)
+        return outputs, output_gradient
+
+    def _ggn_product(self, inputs, targets, block: int, vector: torch.Tensor) -> list[torch.Tensor | None]:
+        outputs, output_gradient = self._outputs(inputs, targets)
+        parameters = [self.parameters[i] for i in self.blocks[block]]
+        dummy = torch.zeros_like(outputs, requires_grad=True)
+        transposed = torch.autograd.grad(outputs, parameters, dummy, create_graph=True, allow_unused=True)
+        used = [(t, v) for t, v in zip(transposed, self.split(block, vector)) if t is not None]
+        if not used:
+            return [None] * len(parameters)
+        (jacobian_vector,) = torch.autograd.grad([t for t, _ in used], dummy, [v for _, v in used])
+        (curved,) = torch.autograd.grad(output_gradient, outputs, jacobian_vector, retain_graph=True)
+        return list(torch.autograd.grad(outputs, parameters, curved, retain_graph=True, allow_unused=True))
+
     def split(self, block: int, vector: torch.Tensor) -> list[torch.Tensor]:
         """View a flat block vector as one tensor per parameter of the block."""
         pieces = vector.split([self.parameters[i].numel() for i in self.blocks[block]])
@@ -83,8 +121,12 @@ class HessianOperator:
         """Return ``{b: H_bb v_b}`` for the flat vectors ``{b: v_b}``, one pass over the data."""
         products = {b: torch.zeros(self.sizes[b], dtype=self.dtype, device=self.device) for b in vectors}
         for inputs, targets in self.batches:
-            gradients = self._gradients(inputs, targets)
             weight = inputs.shape[0] / self.num_samples
+            if self.curvature == "ggn":
+                for b, vector in vectors.items():
+                    products[b] += weight * self._flatten(b, self._ggn_product(inputs, targets, b, vector))
+                continue
+            gradients = self._gradients(inputs, targets)
             for b, vector in vectors.items():
                 indices = [i for i in self.blocks[b] if gradients[i] is not None and gradients[i].requires_grad]
                 if not indices:
@@ -97,17 +139,21 @@ class HessianOperator:
                     retain_graph=True,
                     allow_unused=True,
                 )
-                flat = [
-                    torch.zeros(self.parameters[i].numel(), dtype=self.dtype, device=self.device) if out is None
-                    else out.detach().flatten()
-                    for i, out in zip(self.blocks[b], outputs)
-                ]
-                products[b] += weight * torch.cat(flat)
+                products[b] += weight * self._flatten(b, outputs)
         self.products += len(vectors)
         if distributed.is_initialized():
             for b in products:
                 distributed.all_reduce_sum(products[b])
         return products
+
+    def _flatten(self, block: int, pieces) -> torch.Tensor:
+        """Concatenate per-parameter products, with zeros where autograd returned None (unused)."""
+        flat = [
+            torch.zeros(self.parameters[i].numel(), dtype=self.dtype, device=self.device) if piece is None
+            else piece.detach().flatten()
+            for i, piece in zip(self.blocks[block], pieces)
+        ]
+        return torch.cat(flat)
 
     def dense_block(self, block: int) -> torch.Tensor:
         """Return ``H_bb`` as a dense matrix, one product per column (for tiny blocks and tests)."""
