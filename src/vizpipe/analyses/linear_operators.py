@@ -77,7 +77,7 @@ class HessianOperator:
         self.dtype, self.device = first.dtype, first.device
 
     def release(self) -> None:
-        """Free the cached gradient graph."""
+        """Free the cached gradient and output graphs."""
         self._cached_gradients = None
         self._cached_outputs = None
 
