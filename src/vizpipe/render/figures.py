@@ -44,9 +44,9 @@ def render_results(
 
     ``out_dir`` defaults to ``figures/`` next to the results file. ``log_scale``,
     ``max_val`` and ``kernel_normalize`` override the rendering choices stored in
-    the file; ``hessian_symlog`` forces the symmetric-log eigenvalue axis on or
-    off (None: on when the values span more than two decades). GIFs of activation-maximization frames are written besides the
-    requested formats.
+    the file. ``hessian_symlog`` forces the symmetric-log eigenvalue axis on or
+    off (None: on when the values span more than two decades). GIFs of
+    activation-maximization frames are written besides the requested formats.
     """
     formats = list(formats)
     unknown = [f for f in formats if f not in SUPPORTED_FORMATS]
