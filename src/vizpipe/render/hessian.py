@@ -63,14 +63,15 @@ def render_block_eigenvalues(results: Results, out: Path, formats, symlog: bool 
     axis.invert_yaxis()
     shown = np.concatenate([values, smallest])
     if symlog if symlog is not None else _wants_symlog(shown):
-        finite = np.abs(shown[np.isfinite(shown) & (shown != 0)])
-        axis.set_xscale("symlog", linthresh=max(finite.min(), 1e-12) if finite.size else 1.0)
+        finite = np.abs(shown[np.isfinite(shown)])
+        # a linear range of 1e-4 times the largest value keeps near-zero eigenvalues from adding empty decades
+        axis.set_xscale("symlog", linthresh=max(finite.max() * 1e-4, 1e-30) if finite.size else 1.0)
     axis.axvline(0, color="k", linewidth=0.6)
     axis.set_xlabel(f"dominant eigenvalue of the {attrs.get('group_by', 'parameter')}'s Hessian block")
     handles = [Patch(color=POSITIVE, label="positive"), Patch(facecolor=NEGATIVE, hatch="//", label="negative")]
     if np.isfinite(smallest).any():
         handles += axis.get_legend_handles_labels()[0]
-    axis.legend(handles=handles, loc="lower right", fontsize=7)
+    axis.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     title = f"Per-block Hessian eigenvalues ({attrs.get('method')})"
     not_converged = int((~converged).sum())
     if not_converged:
@@ -84,11 +85,10 @@ def render_convergence(results: Results, out: Path, formats) -> list[Path]:
     group = results["hessian"]
     names = _names(group)
     history = np.asarray(group["history"], dtype=np.float64)
-    final = np.asarray(group["eigenvalues"], dtype=np.float64)
     figure, axis = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
-    for name, row, value in zip(names, history, final):
+    for name, row in zip(names, history):
         used = row[np.isfinite(row)]
-        if used.size < 2 or value == 0:
+        if used.size < 2 or used[-1] == 0:
             continue
         # the last estimate is the reference, so the curve ends before it
         error = np.abs(used[:-1] - used[-1]) / abs(used[-1])
@@ -99,7 +99,11 @@ def render_convergence(results: Results, out: Path, formats) -> list[Path]:
         axis.axhline(tol, color="k", linestyle="--", linewidth=0.6, label="tol")
     axis.set_xlabel("Hessian-vector products")
     axis.set_ylabel("relative distance to the final estimate")
-    axis.set_title("Convergence per block")
+    attrs = results.group_attrs["hessian"]
+    title = "Convergence per block"
+    if attrs.get("method") == "power_iteration" and attrs.get("which") == "extremes":
+        title += " (both phases: dominant, then the other end of the spectrum)"
+    axis.set_title(title)
     if len(names) <= 30:
         axis.legend(fontsize=6, ncol=2)
     return save(figure, out, "hessian_convergence", formats)
