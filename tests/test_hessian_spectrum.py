@@ -1,11 +1,13 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from test_hessian import TinyMLP, exact_full_hessian
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
+from vizpipe import records, store
 from vizpipe.analyses import hessian_block_eigenvalues
 from vizpipe.analyses.hessian_spectrum import (
     eigenvector_directions,
@@ -15,6 +17,7 @@ from vizpipe.analyses.hessian_spectrum import (
 )
 from vizpipe.analyses.landscape import loss_landscape
 from vizpipe.errors import VizpipeError
+from vizpipe.render import render_results
 
 
 @pytest.fixture(autouse=True)
@@ -174,3 +177,33 @@ def test_ggn_blocks_and_top_k_match_exact(mlp_problem):
     top = hessian_top_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), k=3, max_iterations=66, tol=1e-10,
                                   curvature="ggn", progress=False)
     torch.testing.assert_close(top.eigenvalues, expected, rtol=1e-6, atol=0)
+
+
+def test_results_file_roundtrip_and_figures(mlp_problem, tmp_path):
+    model, x, y, _ = mlp_problem
+    loss_fn = nn.CrossEntropyLoss()
+    blocks = hessian_block_eigenvalues(model, [(x, y)], loss_fn, method="lanczos", which="extremes",
+                                       max_iterations=30, progress=False)
+    top = hessian_top_eigenvalues(model, [(x, y)], loss_fn, k=2, eigenvectors=True, progress=False)
+    trace = hessian_trace(model, [(x, y)], loss_fn, max_probes=12, progress=False)
+    density = hessian_density(model, [(x, y)], loss_fn, runs=2, steps=10, progress=False)
+    path = store.create_results_file(tmp_path / "results.h5", {})
+    for record in records.hessian_records(blocks, top, trace, density):
+        store.write_group(path, *record)
+
+    results = store.read_results(path)
+    group = results["hessian"]
+    assert list(group["block_names"]) == blocks.block_names
+    np.testing.assert_array_equal(group["smallest"], blocks.smallest.numpy())
+    np.testing.assert_array_equal(group["top_k"]["eigenvectors"], top.eigenvectors.numpy())
+    np.testing.assert_array_equal(group["density"]["weights"], density.weights.numpy())
+    assert results.group_attrs["hessian/trace"]["trace"] == trace.trace
+    assert results.group_attrs["hessian"]["which"] == "extremes"
+
+    metrics = records.hessian_metrics(blocks, top, trace)
+    assert metrics["hessian/top_k/2"] == float(top.eigenvalues[1])
+    assert metrics["hessian/trace_standard_error"] == trace.standard_error
+    assert metrics["hessian/smallest_eigenvalue/hidden.weight"] == float(blocks.smallest[0])
+
+    written = render_results(path, tmp_path / "figures", ["png"])
+    assert sorted(p.name for p in written) == ["hessian_convergence.png", "hessian_density.png", "hessian_eigenvalues.png"]
