@@ -78,7 +78,7 @@ def test_trace_within_three_standard_errors(mlp_problem):
     assert result.standard_error == pytest.approx(true_error, rel=0.6)
 
 
-def test_trace_stops_at_max_probes_when_target_unreachable(mlp_problem):
+def test_trace_stops_at_max_probes(mlp_problem):
     model, x, y, _ = mlp_problem
     result = hessian_trace(model, [(x, y)], nn.CrossEntropyLoss(), max_probes=5, min_probes=3,
                            relative_standard_error=1e-9, progress=False)
