@@ -1,10 +1,23 @@
+import logging
+
+import pytest
 import torch
 from conftest import TinyConvNet
 from torch import nn
 from torch.func import functional_call, hessian
 
 from vizpipe.analyses import hessian_block_eigenvalues
-from vizpipe.analyses.hessian import block_hvps
+from vizpipe.analyses.linear_operators import HessianOperator
+from vizpipe.errors import VizpipeError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run several times faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def exact_block_eigenvalues(model, x, y, loss_fn=nn.CrossEntropyLoss()):
@@ -94,10 +107,10 @@ def test_uneven_batches_give_the_full_batch_products(tiny_problem):
     model, x, y = tiny_problem
     model.eval()
     parameters = list(model.parameters())
-    vectors = {b: torch.randn_like(p) for b, p in enumerate(parameters)}
-    one = block_hvps(model, [(x, y)], nn.CrossEntropyLoss(), parameters, vectors)
+    vectors = {b: torch.randn(p.numel(), dtype=p.dtype) for b, p in enumerate(parameters)}
+    one = HessianOperator(model, [(x, y)], nn.CrossEntropyLoss(), parameters).matvec(vectors)
     split = [(x[:32], y[:32]), (x[32:], y[32:])]  # 32 + 8 samples
-    many = block_hvps(model, split, nn.CrossEntropyLoss(), parameters, vectors)
+    many = HessianOperator(model, split, nn.CrossEntropyLoss(), parameters).matvec(vectors)
     for b in vectors:
         torch.testing.assert_close(one[b], many[b], rtol=1e-10, atol=1e-12)
 
@@ -129,3 +142,179 @@ def test_no_grad_written_and_seed_reproducible(tiny_problem):
     second = hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), max_iterations=15, seed=3, progress=False)
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(first.eigenvalues, second.eigenvalues)
+
+
+def exact_full_hessian(model, x, y, loss_fn, names):
+    """Exact Hessian of the mean loss over the flattened, concatenated parameters ``names``."""
+    model.eval()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    shapes = [(name, params[name].shape, params[name].numel()) for name in names]
+    flat = torch.cat([params[name].flatten() for name in names])
+
+    def loss_of(vector):
+        merged, offset = dict(params), 0
+        for name, shape, count in shapes:
+            merged[name] = vector[offset : offset + count].view(shape)
+            offset += count
+        return loss_fn(functional_call(model, (merged, buffers), (x,)), y)
+
+    return hessian(loss_of)(flat)
+
+
+class TinyMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(5, 7)
+        self.out = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+class SaddleToy(nn.Module):
+    """``a * b * x + c * x``: the ``(a, b)`` block has one negative eigenvalue."""
+
+    def __init__(self):
+        super().__init__()
+        self.product = nn.Module()
+        self.product.a = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+        self.product.b = nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
+        self.c = nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.product.a * self.product.b * x + self.c * x
+
+
+def dominant(matrix):
+    eigenvalues = torch.linalg.eigvalsh(matrix)
+    return float(eigenvalues[eigenvalues.abs().argmax()]), float(eigenvalues.min()), float(eigenvalues.max())
+
+
+def test_mlp_lanczos_matches_exact_blocks():
+    torch.manual_seed(2)
+    model = TinyMLP().double()
+    x = torch.randn(50, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (50,))
+    names = [name for name, _ in model.named_parameters()]
+    full = exact_full_hessian(model, x, y, nn.CrossEntropyLoss(), names)
+    result = hessian_block_eigenvalues(
+        model, [(x, y)], nn.CrossEntropyLoss(), method="lanczos", max_iterations=200, tol=1e-12, progress=False
+    )
+    offset = 0
+    for name, size, value in zip(result.block_names, result.block_sizes, result.eigenvalues.tolist()):
+        expected, _, _ = dominant(full[offset : offset + size, offset : offset + size])
+        offset += size
+        assert abs(value - expected) <= 1e-6 * abs(expected), (name, value, expected)
+    assert bool(result.converged.all())
+
+
+def test_module_blocks_match_exact(tiny_problem):
+    model, x, y = tiny_problem
+    result = hessian_block_eigenvalues(
+        model, [(x, y)], nn.CrossEntropyLoss(), method="lanczos", group_by="module",
+        which="extremes", max_iterations=300, tol=1e-12, progress=False,
+    )
+    assert result.block_names == ["conv", "fc"]
+    assert result.block_parameters == [["conv.weight", "conv.bias"], ["fc.weight", "fc.bias"]]
+    for name, parameters, index in zip(result.block_names, result.block_parameters, range(2)):
+        full = exact_full_hessian(model, x, y, nn.CrossEntropyLoss(), parameters)
+        expected, smallest, largest = dominant(full)
+        assert abs(result.eigenvalues[index] - expected) <= 1e-6 * abs(expected), name
+        assert abs(result.largest[index] - largest) <= 1e-6 * abs(largest), name
+        assert abs(result.smallest[index] - smallest) <= 1e-6 * abs(largest), name
+
+
+def test_include_exclude_patterns(tiny_problem):
+    model, x, y = tiny_problem
+    result = hessian_block_eigenvalues(
+        model, [(x, y)], nn.CrossEntropyLoss(), include=["*.weight", "fc.*"], exclude=["fc.bias"],
+        max_iterations=5, progress=False,
+    )
+    assert result.block_names == ["conv.weight", "fc.weight"]
+
+
+def test_unmatched_pattern_names_the_fix(tiny_problem):
+    model, x, y = tiny_problem
+    with pytest.raises(VizpipeError, match=r"include pattern 'conv.wieght' matches no parameter.*conv.weight"):
+        hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), include=["conv.wieght"], progress=False)
+    with pytest.raises(VizpipeError, match="group_by .layer."):
+        hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), group_by="layer", progress=False)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power_iteration"])
+def test_negative_curvature_found_with_sign(method):
+    model = SaddleToy()
+    x = torch.linspace(-1, 1, 30, dtype=torch.float64)
+    y = 2 * x + 0.1 * torch.sin(5 * x)
+    names = ["product.a", "product.b"]
+    exact = exact_full_hessian(model, x, y, nn.MSELoss(), names)
+    expected, smallest, largest = dominant(exact)
+    assert smallest < 0 < largest
+    result = hessian_block_eigenvalues(
+        model, [(x, y)], nn.MSELoss(), method=method, group_by="module", which="extremes",
+        max_iterations=500, tol=1e-13, progress=False,
+    )
+    index = result.block_names.index("product")
+    assert abs(result.smallest[index] - smallest) <= 1e-6 * abs(smallest)
+    assert abs(result.largest[index] - largest) <= 1e-6 * abs(largest)
+    assert abs(result.eigenvalues[index] - expected) <= 1e-6 * abs(expected)
+    assert bool(result.converged[index])
+
+
+def test_negated_loss_gives_negative_dominant_values(tiny_problem):
+    model, x, y = tiny_problem
+    exact = exact_block_eigenvalues(model, x, y)
+
+    def negated(outputs, targets):
+        return -nn.functional.cross_entropy(outputs, targets)
+
+    result = hessian_block_eigenvalues(model, [(x, y)], negated, method="lanczos", max_iterations=200, tol=1e-12,
+                                       progress=False)
+    for name, value in zip(result.block_names, result.eigenvalues.tolist()):
+        assert abs(value + exact[name]) <= 1e-6 * abs(exact[name]), (name, value, exact[name])
+
+
+def test_unconverged_blocks_flagged_and_warned(tiny_problem, caplog):
+    model, x, y = tiny_problem
+    with caplog.at_level(logging.WARNING, logger="vizpipe.analyses.hessian"):
+        result = hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), max_iterations=2, tol=1e-12,
+                                           progress=False)
+    assert not bool(result.converged.any())
+    assert result.iterations.tolist() == [2, 2, 2, 2]
+    assert "conv.weight" in caplog.text and "fc.bias" in caplog.text
+    assert bool((result.residuals > 0).all())
+
+
+def test_blocks_stop_early_and_residuals_are_true(tiny_problem):
+    model, x, y = tiny_problem
+    result = hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), method="lanczos", max_iterations=200,
+                                       tol=1e-8, progress=False)
+    assert bool(result.converged.all())
+    assert len(set(result.iterations.tolist())) > 1, "blocks should stop at different iterations"
+    for b, used in enumerate(result.iterations.tolist()):
+        assert not torch.isnan(result.history[b, :used]).any()
+        assert torch.isnan(result.history[b, used:]).all()
+
+
+
+def test_residual_bounds_the_eigenvalue_error(tiny_problem):
+    """For a symmetric H, a Rayleigh pair lies within ||H v - lambda v|| of some eigenvalue."""
+    model, x, y = tiny_problem
+    power = hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), max_iterations=8, tol=1e-12,
+                                      progress=False)
+    for name, value, residual in zip(power.block_names, power.eigenvalues.tolist(), power.residuals.tolist()):
+        eigenvalues = torch.linalg.eigvalsh(exact_full_hessian(model, x, y, nn.CrossEntropyLoss(), [name]))
+        distance = float((eigenvalues - value).abs().min())
+        assert distance <= residual * abs(value) * (1 + 1e-9) + 1e-12, name
+        assert residual > 1e-6, "8 power-iteration steps should leave a visible residual"
+
+
+def test_operator_matches_dense_module_block(tiny_problem):
+    model, x, y = tiny_problem
+    model.eval()
+    parameters = [model.conv.weight, model.conv.bias]
+    operator = HessianOperator(model, [(x, y)], nn.CrossEntropyLoss(), parameters, [[0, 1]])
+    exact = exact_full_hessian(model, x, y, nn.CrossEntropyLoss(), ["conv.weight", "conv.bias"])
+    torch.testing.assert_close(operator.dense_block(0), exact, rtol=1e-9, atol=1e-12)
+    assert operator.products == exact.shape[0]

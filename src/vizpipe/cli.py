@@ -134,7 +134,8 @@ def _figures(cfg: DictConfig) -> None:
             raise VizpipeError("nothing to render: pass source=<run folder or results.h5>, or figure=<spec in conf/figure>")
         else:
             paths = render_results(
-                cfg.source, cfg.out_dir, list(cfg.formats), cfg.log_scale, cfg.max_val, cfg.kernel_normalize
+                cfg.source, cfg.out_dir, list(cfg.formats), cfg.log_scale, cfg.max_val, cfg.kernel_normalize,
+                cfg.hessian_symlog,
             )
     except VizpipeError as error:
         _fail(error)

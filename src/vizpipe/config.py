@@ -67,11 +67,29 @@ class LandscapeConfig:
 
 @dataclass
 class HessianConfig:
+    blocks: bool = True  # dominant eigenvalue of each block's own Hessian
     method: str = "power_iteration"  # power_iteration | lanczos
-    max_iterations: int = 100  # Hessian-vector products per block at most
+    max_iterations: int = 100  # Hessian-vector products per block at most (per phase for power_iteration extremes)
     tol: float = 1e-4  # relative change of the estimate that stops a block
-    include: Optional[List[str]] = None  # parameter names; None: every trainable parameter
+    group_by: str = "parameter"  # parameter | module
+    curvature: str = "hessian"  # hessian | ggn (generalized Gauss-Newton, positive semi-definite)
+    which: str = "magnitude"  # magnitude | extremes (also the largest and smallest algebraic eigenvalues)
+    include: Optional[List[str]] = None  # fnmatch patterns on parameter names; None: every trainable parameter
+    exclude: Optional[List[str]] = None  # fnmatch patterns removed from the selection
     max_samples: Optional[int] = None
+    top_k: int = 0  # largest eigenvalues of the whole Hessian by Lanczos; 0: off
+    top_k_max_iterations: int = 100
+    top_k_tol: float = 1e-6
+    eigenvectors: bool = False  # store the top-k eigenvectors (top_k x parameter count float64 values)
+    trace: bool = False  # Hutchinson trace with Rademacher probes
+    trace_max_probes: int = 100
+    trace_min_probes: int = 10
+    trace_relative_standard_error: float = 0.01  # stop once standard error <= this * |trace|
+    density: bool = False  # eigenvalue density by stochastic Lanczos quadrature
+    density_runs: int = 3
+    density_steps: int = 80  # Lanczos steps (Gauss nodes) per run
+    density_sigma: float = 0.01  # Gaussian width, relative to the span of the nodes
+    density_grid_points: int = 1000
 
 
 @dataclass
@@ -187,6 +205,7 @@ class RenderConfig:
     log_scale: Optional[bool] = None  # landscape; None: as stored in the results file
     max_val: Optional[float] = None  # landscape colour cap
     kernel_normalize: Optional[str] = None  # tile | grid; None: as stored
+    hessian_symlog: Optional[bool] = None  # symmetric-log eigenvalue axis; None: when values span > 2 decades
     style: PrintStyleConfig = field(default_factory=PrintStyleConfig)
     tracking: FiguresTrackingConfig = field(default_factory=FiguresTrackingConfig)
 

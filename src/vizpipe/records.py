@@ -19,6 +19,7 @@ from vizpipe.analyses import (
     LandscapeResult,
 )
 from vizpipe.analyses.directions import Directions
+from vizpipe.analyses.hessian_spectrum import SpectralDensity, TopEigenvalues, TraceEstimate
 
 Record = tuple[str, dict[str, Any], dict[str, Any]]  # group, datasets, attrs
 
@@ -79,23 +80,59 @@ def directions_from_group(group: dict[str, Any], attrs: dict[str, Any]) -> Direc
     return Directions(names, vectors, attrs.get("kind", "random"), extras)
 
 
-def hessian_record(result: HessianResult) -> Record:
-    datasets = {
-        "parameter_names": result.parameter_names,
-        "eigenvalues": result.eigenvalues,
-        "iterations": result.iterations,
-        "residuals": result.residuals,
-        "converged": result.converged,
-        "history": result.history,
-    }
-    attrs = {
-        "method": result.method,
-        "max_iterations": result.max_iterations,
-        "tol": result.tol,
-        "num_samples": result.num_samples,
-        "skipped": result.skipped,
-    }
-    return "hessian", datasets, attrs
+def hessian_records(
+    blocks: HessianResult | None,
+    top: TopEigenvalues | None = None,
+    trace: TraceEstimate | None = None,
+    density: SpectralDensity | None = None,
+) -> list[Record]:
+    """Return the ``hessian`` group (per-block values) and its ``top_k``, ``trace`` and ``density`` subgroups.
+
+    The ``hessian`` group comes first: writing it replaces any older subgroups.
+    """
+    datasets: dict[str, Any] = {}
+    attrs: dict[str, Any] = {}
+    if blocks is not None:
+        datasets = {
+            "block_names": blocks.block_names,
+            "block_parameters": [",".join(names) for names in blocks.block_parameters],
+            "block_sizes": torch.tensor(blocks.block_sizes, dtype=torch.int64),
+            "parameter_names": [name for names in blocks.block_parameters for name in names],
+            "eigenvalues": blocks.eigenvalues,
+            "largest": blocks.largest,
+            "smallest": blocks.smallest,
+            "iterations": blocks.iterations,
+            "residuals": blocks.residuals,
+            "converged": blocks.converged,
+            "history": blocks.history,
+        }
+        attrs = {
+            "method": blocks.method,
+            "group_by": blocks.group_by,
+            "which": blocks.which,
+            "curvature": blocks.curvature,
+            "max_iterations": blocks.max_iterations,
+            "tol": blocks.tol,
+            "num_samples": blocks.num_samples,
+            "seed": blocks.seed,
+            "skipped": blocks.skipped,
+        }
+    result = [("hessian", datasets, attrs)]
+    if top is not None:
+        top_datasets = {"eigenvalues": top.eigenvalues, "residuals": top.residuals, "history": top.history,
+                        "parameter_names": top.parameter_names}
+        if top.eigenvectors is not None:
+            top_datasets["eigenvectors"] = top.eigenvectors
+        result.append(("hessian/top_k", top_datasets,
+                       {"k": len(top.eigenvalues), "iterations": top.iterations, "converged": top.converged}))
+    if trace is not None:
+        result.append(("hessian/trace", {"samples": trace.samples},
+                       {"trace": trace.trace, "standard_error": trace.standard_error, "converged": trace.converged}))
+    if density is not None:
+        result.append(("hessian/density",
+                       {"nodes": density.nodes, "weights": density.weights, "grid": density.grid, "density": density.density},
+                       {"sigma": density.sigma, "num_parameters": density.num_parameters}))
+    return result
 
 
 def activation_maximization_record(result: ActivationMaximizationResult) -> Record:
@@ -151,11 +188,25 @@ def landscape_metrics(result: LandscapeResult, radius: float | None = None) -> d
     return {key: value for key, value in metrics.items() if not math.isnan(value)}
 
 
-def hessian_metrics(result: HessianResult) -> dict[str, float]:
-    metrics = {f"hessian/eigenvalue/{name}": float(value) for name, value in zip(result.parameter_names, result.eigenvalues)}
-    metrics["hessian/max_eigenvalue"] = float(result.eigenvalues.max())
-    metrics["hessian/not_converged"] = float(len(result.not_converged))
-    return metrics
+def hessian_metrics(
+    blocks: HessianResult | None, top: TopEigenvalues | None = None, trace: TraceEstimate | None = None
+) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    if blocks is not None:
+        for index, name in enumerate(blocks.block_names):
+            metrics[f"hessian/eigenvalue/{name}"] = float(blocks.eigenvalues[index])
+            metrics[f"hessian/iterations/{name}"] = float(blocks.iterations[index])
+            if blocks.which == "extremes":
+                metrics[f"hessian/smallest_eigenvalue/{name}"] = float(blocks.smallest[index])
+        metrics["hessian/max_eigenvalue"] = float(blocks.eigenvalues.max())
+        metrics["hessian/not_converged"] = float(len(blocks.not_converged))
+    if top is not None:
+        for index, value in enumerate(top.eigenvalues.tolist()):
+            metrics[f"hessian/top_k/{index + 1}"] = value
+    if trace is not None:
+        metrics["hessian/trace"] = trace.trace
+        metrics["hessian/trace_standard_error"] = trace.standard_error
+    return {key: value for key, value in metrics.items() if not math.isnan(value)}
 
 
 def activation_maximization_metrics(result: ActivationMaximizationResult) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import json
@@ -40,6 +41,7 @@ from vizpipe.analyses.directions import (
     state_entries,
     target_directions,
 )
+from vizpipe.analyses.hessian_spectrum import hessian_density, hessian_top_eigenvalues, hessian_trace
 from vizpipe.analyses.landscape import coordinates
 from vizpipe.analyses.modules import conv_layer_names, find_layer
 from vizpipe.data.base import ImageDataset, batches
@@ -76,7 +78,7 @@ _SCHEMA_TYPES.update({f"Optional[{name}]": cls for name, cls in list(_SCHEMA_TYP
 WEIGHT_SOURCES = ("random", "checkpoint", "train")
 ANALYSIS_ORDER = ("conv_kernels", "landscape", "hessian", "activation_maximization")
 # Analyses that split their work over torchrun ranks; the others run on rank 0 only.
-SHARDED_ANALYSES = ("landscape",)
+SHARDED_ANALYSES = ("landscape", "hessian")
 # Keys that change neither the computation nor the stored values: a run folder
 # written with other values of these is still resumed.
 CONFIG_HASH_EXCLUDED = ("progress", "tracking", "figures", "overwrite")
@@ -142,11 +144,7 @@ def validate(cfg: DictConfig) -> None:
     if analyses.landscape is not None:
         _validate_landscape(analyses.landscape)
     if analyses.hessian is not None:
-        hess = analyses.hessian
-        require(hess.method in ("power_iteration", "lanczos"),
-                f"invalid analysis.hessian.method {hess.method!r}; use power_iteration or lanczos")
-        require(hess.max_iterations >= 1, f"invalid analysis.hessian.max_iterations {hess.max_iterations}: it must be at least 1")
-        require(hess.tol > 0, f"invalid analysis.hessian.tol {hess.tol}: it must be positive")
+        _validate_hessian(analyses.hessian, require)
     if analyses.activation_maximization is not None:
         am = analyses.activation_maximization
         require(am.iterations >= 1, f"invalid analysis.activation_maximization.iterations {am.iterations}: it must be at least 1")
@@ -199,6 +197,26 @@ def _validate_landscape(land: DictConfig) -> None:
             )
     if land.direction == "pca" and not land.trajectory:
         raise VizpipeError(f"{prefix}.direction=pca needs {prefix}.trajectory: a list of checkpoints or glob patterns")
+
+
+def _validate_hessian(hess: DictConfig, require) -> None:
+    prefix = "invalid analysis.hessian"
+    require(hess.blocks or hess.top_k > 0 or hess.trace or hess.density,
+            "analysis.hessian computes nothing; set blocks=true, top_k>0, trace=true or density=true")
+    require(hess.method in ("power_iteration", "lanczos"), f"{prefix}.method {hess.method!r}; use power_iteration or lanczos")
+    require(hess.group_by in ("parameter", "module"), f"{prefix}.group_by {hess.group_by!r}; use parameter or module")
+    require(hess.curvature in ("hessian", "ggn"), f"{prefix}.curvature {hess.curvature!r}; use hessian or ggn")
+    require(hess.which in ("magnitude", "extremes"), f"{prefix}.which {hess.which!r}; use magnitude or extremes")
+    for key in ("max_iterations", "top_k_max_iterations", "density_runs", "density_steps"):
+        require(hess[key] >= 1, f"{prefix}.{key} {hess[key]}: it must be at least 1")
+    for key in ("tol", "top_k_tol", "trace_relative_standard_error", "density_sigma"):
+        require(hess[key] > 0, f"{prefix}.{key} {hess[key]}: it must be positive")
+    require(hess.top_k >= 0, f"{prefix}.top_k {hess.top_k}: it must be 0 (off) or more")
+    require(hess.top_k <= hess.top_k_max_iterations,
+            f"{prefix}.top_k {hess.top_k} exceeds top_k_max_iterations {hess.top_k_max_iterations}; raise the latter")
+    require(2 <= hess.trace_min_probes <= hess.trace_max_probes,
+            f"{prefix}.trace_min_probes {hess.trace_min_probes}: it must be at least 2 and at most trace_max_probes")
+    require(hess.density_grid_points >= 2, f"{prefix}.density_grid_points {hess.density_grid_points}: it must be at least 2")
 
 
 def parse_channels(value: Any) -> list[int] | None:
@@ -285,13 +303,14 @@ def check_layers(cfg: DictConfig, model: nn.Module, image_shape: list[int], devi
             f"{type(model).__name__} has no Conv2d layer to draw kernels of; drop conv_kernels from analysis=[...]"
         )
     hessian = cfg.analysis.hessian
-    if hessian is not None and hessian.include is not None:
+    if hessian is not None:
         names = [name for name, _ in model.named_parameters()]
-        for name in hessian.include:
-            if name not in names:
-                raise VizpipeError(
-                    f"unknown parameter {name!r} in analysis.hessian.include. {suggest(name, names)}"
-                )
+        for key in ("include", "exclude"):
+            for pattern in hessian[key] or []:
+                if not fnmatch.filter(names, pattern):
+                    raise VizpipeError(
+                        f"analysis.hessian.{key} pattern {pattern!r} matches no parameter. {suggest(pattern, names)}"
+                    )
     am = cfg.analysis.activation_maximization
     if am is not None:
         if am.layers is None and not conv_layer_names(model):
@@ -730,15 +749,46 @@ def _run_landscape(options, cfg, model, dataset, loss_fn, x_eval, y_eval, result
 
 def _run_hessian(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path) -> dict[str, float]:
     x, y = _subset(x_eval, y_eval, options.max_samples)
-    result = hessian_block_eigenvalues(
-        model, batches(x, y, cfg.evaluation.batch_size), loss_fn, method=options.method,
-        max_iterations=options.max_iterations, tol=options.tol,
-        include=list(options.include) if options.include is not None else None, seed=cfg.seed, progress=cfg.progress,
-    )
-    if result.skipped:
-        log.info("Hessian: skipped frozen parameters %s", ", ".join(result.skipped))
-    store.write_group(results_path, *records.hessian_record(result))
-    return records.hessian_metrics(result)
+    all_batches = batches(x, y, cfg.evaluation.batch_size)
+    # Under torchrun each rank takes its share of the batches; the products are summed over ranks.
+    mine = [all_batches[i] for i in distributed.shard(len(all_batches))]
+
+    selection = {
+        "include": list(options.include) if options.include is not None else None,
+        "exclude": list(options.exclude) if options.exclude is not None else None,
+    }
+    common = {"seed": cfg.seed, "progress": cfg.progress, "curvature": options.curvature, **selection}
+    blocks = top = trace = density = None
+
+    if options.blocks:
+        blocks = hessian_block_eigenvalues(
+            model, mine, loss_fn, method=options.method, max_iterations=options.max_iterations, tol=options.tol,
+            group_by=options.group_by, which=options.which, **common,
+        )
+        if blocks.skipped:
+            log.info("Hessian: skipped frozen parameters %s", ", ".join(blocks.skipped))
+    if options.top_k > 0:
+        top = hessian_top_eigenvalues(
+            model, mine, loss_fn, k=options.top_k, max_iterations=options.top_k_max_iterations, tol=options.top_k_tol,
+            eigenvectors=options.eigenvectors, **common,
+        )
+        log.info("Hessian top-%d eigenvalues: %s", options.top_k, ", ".join(f"{v:.4g}" for v in top.eigenvalues.tolist()))
+    if options.trace:
+        trace = hessian_trace(
+            model, mine, loss_fn, max_probes=options.trace_max_probes, min_probes=options.trace_min_probes,
+            relative_standard_error=options.trace_relative_standard_error, **common,
+        )
+        log.info("Hessian trace %.6g +- %.2g (%d probes)", trace.trace, trace.standard_error, len(trace.samples))
+    if options.density:
+        density = hessian_density(
+            model, mine, loss_fn, runs=options.density_runs, steps=options.density_steps, sigma=options.density_sigma,
+            grid_points=options.density_grid_points, **common,
+        )
+
+    if distributed.is_main():
+        for record in records.hessian_records(blocks, top, trace, density):
+            store.write_group(results_path, *record)
+    return records.hessian_metrics(blocks, top, trace)
 
 
 def _run_activation_maximization(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path) -> dict[str, float]:

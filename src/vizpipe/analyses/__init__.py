@@ -10,6 +10,15 @@ from vizpipe.analyses.activation_maximization import (
 )
 from vizpipe.analyses.conv_kernels import ConvKernelsResult, conv_kernels, kernel_grid
 from vizpipe.analyses.hessian import HessianResult, hessian_block_eigenvalues
+from vizpipe.analyses.hessian_spectrum import (
+    SpectralDensity,
+    TopEigenvalues,
+    TraceEstimate,
+    eigenvector_directions,
+    hessian_density,
+    hessian_top_eigenvalues,
+    hessian_trace,
+)
 from vizpipe.analyses.landscape import LandscapeResult, loss_landscape, random_direction
 
 __all__ = [
@@ -17,9 +26,16 @@ __all__ = [
     "ConvKernelsResult",
     "HessianResult",
     "LandscapeResult",
+    "SpectralDensity",
+    "TopEigenvalues",
+    "TraceEstimate",
     "activation_maximization",
     "conv_kernels",
+    "eigenvector_directions",
     "hessian_block_eigenvalues",
+    "hessian_density",
+    "hessian_top_eigenvalues",
+    "hessian_trace",
     "kernel_grid",
     "loss_landscape",
     "random_direction",

@@ -1,14 +1,17 @@
-"""Dominant eigenvalues of the Hessian's diagonal blocks, one block per parameter tensor.
+"""Dominant eigenvalues of the Hessian's diagonal blocks, one block per parameter tensor or module.
 
-For block ``p`` the operator is ``H_pp v = d/dp (dL/dp . v)``, the Hessian of the
-mean loss ``L`` with respect to ``p`` alone, all other parameters held fixed.
-Multiplying by the full Hessian and normalizing each block's slice separately
-(as some tools do) couples the blocks and does not give these eigenvalues.
+For block ``b`` the operator is ``H_bb v = d/dp_b (dL/dp_b . v)``, the Hessian of
+the mean loss ``L`` with respect to that block's parameters alone, all other
+parameters held fixed. Multiplying by the full Hessian and normalizing each
+block's slice separately (as some tools do) couples the blocks and does not give
+these eigenvalues.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -16,145 +19,118 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vizpipe.analyses.eigensolvers import WHICH, Lanczos, PowerIteration
 from vizpipe.analyses.evaluation import Batch, LossFn
+from vizpipe.analyses.linear_operators import HessianOperator
 from vizpipe.errors import VizpipeError, suggest
 
 log = logging.getLogger(__name__)
 
 METHODS = ("power_iteration", "lanczos")
+GROUP_BY = ("parameter", "module")
 
 
 @dataclass
 class HessianResult:
     """Per-block dominant eigenvalues and their convergence diagnostics.
 
-    Arrays are indexed like ``parameter_names``. ``eigenvalues`` are the
-    largest-magnitude eigenvalues (sign kept); ``residuals`` are
-    ``||H v - lambda v|| / |lambda|`` for the returned eigenpair (0 for a zero
-    block); ``history[b, k]`` is the estimate after product ``k + 1`` (NaN after
-    the block stopped).
+    Arrays are indexed like ``block_names``; ``block_parameters[b]`` lists the
+    parameter names of block ``b``. ``eigenvalues`` are the largest-magnitude
+    eigenvalues (sign kept). ``largest`` and ``smallest`` are the algebraic
+    extremes, NaN unless ``which="extremes"``. ``residuals`` are
+    ``||H v - lambda v|| / |lambda|`` for the dominant eigenpair (0 for a zero
+    block). ``history[b, k]`` is the estimate after product ``k + 1``, NaN after
+    the block stopped.
     """
 
-    parameter_names: list[str]
+    block_names: list[str]
+    block_parameters: list[list[str]]
+    block_sizes: list[int]
     eigenvalues: torch.Tensor
+    largest: torch.Tensor
+    smallest: torch.Tensor
     iterations: torch.Tensor
     residuals: torch.Tensor
     converged: torch.Tensor
     history: torch.Tensor
     skipped: list[str]
     method: str
+    group_by: str
+    which: str
+    curvature: str
     max_iterations: int
     tol: float
     num_samples: int
+    seed: int
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Block names; with ``group_by="parameter"`` these are the parameter names."""
+        return self.block_names
 
     @property
     def not_converged(self) -> list[str]:
-        return [name for name, ok in zip(self.parameter_names, self.converged.tolist()) if not ok]
+        return [name for name, ok in zip(self.block_names, self.converged.tolist()) if not ok]
 
 
-class _PowerIteration:
-    """Power iteration on one block; the estimate is the Rayleigh quotient v.Hv with |v| = 1."""
+def select_parameters(
+    model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
+) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
+    """Return the selected trainable ``(name, parameter)`` pairs and the frozen names that matched.
 
-    def __init__(self, start: torch.Tensor):
-        self.vector = start / start.norm()
-        self.eigenvalue = float("nan")
-        self.residual = float("nan")
-
-    def step(self, product: torch.Tensor) -> float:
-        eigenvalue = float(torch.dot(self.vector.flatten(), product.flatten()))
-        norm = float(product.norm())
-        if norm == 0.0:
-            self.eigenvalue, self.residual = 0.0, 0.0
-            return 0.0
-        self.residual = float((product - eigenvalue * self.vector).norm()) / max(abs(eigenvalue), 1e-30)
-        self.eigenvalue = eigenvalue
-        self.vector = product / norm
-        return eigenvalue
-
-
-class _Lanczos:
-    """Lanczos with full reorthogonalization on one block.
-
-    The estimate is the largest-magnitude Ritz value of the tridiagonal matrix;
-    its residual norm is ``|beta_k * s_k|`` (the last component of the Ritz vector),
-    exact in exact arithmetic.
+    ``include`` and ``exclude`` are shell-style patterns (``fnmatch``) on the
+    names of ``named_parameters()``; an exact name is a pattern too. A pattern
+    that matches no parameter raises ``VizpipeError``.
     """
+    named = list(model.named_parameters())
+    valid = [name for name, _ in named]
+    for option, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns or []:
+            if not fnmatch.filter(valid, pattern):
+                raise VizpipeError(
+                    f"Hessian {option} pattern {pattern!r} matches no parameter of {type(model).__name__}. "
+                    f"{suggest(pattern, valid)}"
+                )
 
-    def __init__(self, start: torch.Tensor):
-        self.basis = [start.flatten() / start.norm()]
-        self.alphas: list[float] = []
-        self.betas: list[float] = []
-        self.vector = self.basis[0].view_as(start)
-        self.eigenvalue = float("nan")
-        self.residual = float("nan")
-        self.exhausted = False
+    def wanted(name: str) -> bool:
+        included = include is None or any(fnmatch.fnmatchcase(name, p) for p in include)
+        excluded = any(fnmatch.fnmatchcase(name, p) for p in exclude or [])
+        return included and not excluded
 
-    def step(self, product: torch.Tensor) -> float:
-        w = product.flatten().clone()
-        q = self.basis[-1]
-        alpha = float(torch.dot(q, w))
-        self.alphas.append(alpha)
-        for previous in self.basis:  # full reorthogonalization, done twice for stability
-            w -= torch.dot(previous, w) * previous
-        for previous in self.basis:
-            w -= torch.dot(previous, w) * previous
-        beta = float(w.norm())
-
-        k = len(self.alphas)
-        tridiagonal = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
-        if k > 1:
-            off = torch.tensor(self.betas, dtype=torch.float64)
-            tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
-        values, vectors = torch.linalg.eigh(tridiagonal)
-        index = int(values.abs().argmax())
-        self.eigenvalue = float(values[index])
-        scale = max(abs(self.eigenvalue), 1e-30)
-        self.residual = abs(beta * float(vectors[-1, index])) / scale if self.eigenvalue != 0 else 0.0
-
-        scale_of_w = max(float(product.norm()), 1e-30)
-        if beta <= 1e-10 * scale_of_w or k >= q.numel():
-            self.exhausted = True  # invariant subspace found: the Ritz values are exact
-        else:
-            self.betas.append(beta)
-            self.basis.append(w / beta)
-            self.vector = self.basis[-1].view_as(product)
-        return self.eigenvalue
+    skipped = [name for name, p in named if wanted(name) and not p.requires_grad]
+    selected = [(name, p) for name, p in named if wanted(name) and p.requires_grad]
+    if not selected:
+        raise VizpipeError("no trainable parameter selected for the Hessian; check hessian.include and hessian.exclude")
+    return selected, skipped
 
 
-def block_hvps(
-    model: nn.Module,
-    batches: list[Batch],
-    loss_fn: LossFn,
-    parameters: list[torch.Tensor],
-    vectors: dict[int, torch.Tensor],
-    graph_cache: dict | None = None,
-) -> dict[int, torch.Tensor]:
-    """Compute ``H_bb v_b`` for every block ``b`` in ``vectors``, for the mean loss over ``batches``.
+def group_blocks(model: nn.Module, names: list[str], group_by: str) -> tuple[list[str], list[list[int]]]:
+    """Group parameter indices into blocks: one per parameter, or one per owning module.
 
-    Each batch's loss mean is weighted by its share of the samples. Graphs are
-    built one batch at a time and freed, so memory does not grow with the number
-    of batches; with a single batch, pass a dict as ``graph_cache`` to build the
-    gradient graph once and reuse it across calls.
+    A module's block holds its own selected parameters (not its children's), so
+    ``conv.weight`` and ``conv.bias`` form block ``conv``. Parameters registered on
+    the model itself form a block named ``<root>``.
     """
-    total = sum(inputs.shape[0] for inputs, _ in batches)
-    products = {b: torch.zeros_like(parameters[b]) for b in vectors}
-    for inputs, targets in batches:
-        if graph_cache is not None and "gradients" in graph_cache:
-            gradients = graph_cache["gradients"]
-        else:
-            loss = loss_fn(model(inputs), targets)
-            gradients = torch.autograd.grad(loss, parameters, create_graph=True, allow_unused=True)
-            if graph_cache is not None:
-                graph_cache["gradients"] = gradients
-        weight = inputs.shape[0] / total
-        for b, vector in vectors.items():
-            gradient = gradients[b]
-            if gradient is None or not gradient.requires_grad:
-                continue  # the loss does not depend on this block: H_bb = 0
-            (product,) = torch.autograd.grad(gradient, parameters[b], vector, retain_graph=True, allow_unused=True)
-            if product is not None:
-                products[b] += weight * product.detach()
-    return products
+    if group_by == "parameter":
+        return list(names), [[i] for i in range(len(names))]
+    order: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        module = name.rpartition(".")[0] or "<root>"
+        order.setdefault(module, []).append(index)
+    return list(order), list(order.values())
+
+
+def _check_options(method: str, group_by: str, which: str, max_iterations: int, tol: float) -> None:
+    if method not in METHODS:
+        raise VizpipeError(f"invalid Hessian method {method!r}; use one of {', '.join(METHODS)}")
+    if group_by not in GROUP_BY:
+        raise VizpipeError(f"invalid Hessian group_by {group_by!r}; use one of {', '.join(GROUP_BY)}")
+    if which not in WHICH:
+        raise VizpipeError(f"invalid Hessian which {which!r}; use one of {', '.join(WHICH)}")
+    if max_iterations < 1:
+        raise VizpipeError(f"invalid max_iterations {max_iterations}: it must be at least 1")
+    if not tol > 0:
+        raise VizpipeError(f"invalid tol {tol}: it must be positive")
 
 
 def hessian_block_eigenvalues(
@@ -166,109 +142,136 @@ def hessian_block_eigenvalues(
     tol: float = 1e-4,
     seed: int = 0,
     include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    group_by: str = "parameter",
+    which: str = "magnitude",
+    curvature: str = "hessian",
     progress: bool = True,
 ) -> HessianResult:
-    """Compute the dominant eigenvalue of each parameter tensor's own Hessian block.
+    """Compute the dominant eigenvalue of each parameter tensor's (or module's) own Hessian block.
+
+    All blocks iterate in lockstep: each pass over the data computes one
+    Hessian-vector product per block that is still running, and a block stops
+    as soon as its estimate changes by less than ``tol`` relative.
 
     Args:
         model: evaluated in eval mode (BatchNorm uses running statistics); restored
             to its previous mode afterwards. No ``.grad`` is written.
         batches: (inputs, targets) batches on the model's device; the loss is the
-            mean over all their samples.
+            mean over all their samples. Under torchrun, this rank's share.
         loss_fn: mean-reduced loss.
-        method: ``"power_iteration"`` or ``"lanczos"`` (more accurate for the same
-            number of Hessian-vector products when eigenvalues are clustered).
-        max_iterations: Hessian-vector products per block at most.
-        tol: a block stops when its estimate changes by less than ``tol`` relative.
-        seed: fixes the start vectors.
-        include: parameter names to analyse (default: all with ``requires_grad``).
-            Frozen parameters are listed in ``result.skipped``.
+        method: ``"power_iteration"`` or ``"lanczos"`` (full reorthogonalization;
+            far fewer products when eigenvalues are clustered).
+        max_iterations: Hessian-vector products per block at most (per phase for
+            power iteration with ``which="extremes"``).
+        tol: relative change of the estimate that stops a block.
+        seed: fixes every start vector.
+        include, exclude: ``fnmatch`` patterns on parameter names; by default every
+            parameter with ``requires_grad``. Frozen matches are listed in ``skipped``.
+        group_by: ``"parameter"`` (one block per tensor) or ``"module"`` (one block
+            per module's own parameters).
+        which: ``"magnitude"`` for the largest-magnitude eigenvalue, or
+            ``"extremes"`` to also get the largest and smallest algebraic ones.
+        curvature: ``"hessian"``, or ``"ggn"`` for the generalized Gauss-Newton
+            matrix's blocks (positive semi-definite for a convex loss).
 
     Example::
 
-        result = hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss())
-        dict(zip(result.parameter_names, result.eigenvalues.tolist()))
+        result = hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), method="lanczos")
+        dict(zip(result.block_names, result.eigenvalues.tolist()))
     """
-    if method not in METHODS:
-        raise VizpipeError(f"invalid Hessian method {method!r}; use one of {', '.join(METHODS)}")
-    if max_iterations < 1:
-        raise VizpipeError(f"invalid max_iterations {max_iterations}: it must be at least 1")
-    if not tol > 0:
-        raise VizpipeError(f"invalid tol {tol}: it must be positive")
+    _check_options(method, group_by, which, max_iterations, tol)
     batches = list(batches)
-    if not batches:
-        raise VizpipeError("the Hessian needs at least one evaluation batch")
-
-    named = list(model.named_parameters())
-    valid = [name for name, _ in named]
-    if include is not None:
-        unknown = [name for name in include if name not in valid]
-        if unknown:
-            raise VizpipeError(f"unknown parameter(s) {unknown} for the Hessian. {suggest(unknown[0], valid)}")
-    wanted = set(valid if include is None else include)
-    skipped = [name for name, p in named if name in wanted and not p.requires_grad]
-    selected = [(name, p) for name, p in named if name in wanted and p.requires_grad]
-    if not selected:
-        raise VizpipeError("no trainable parameter selected for the Hessian; check hessian.include")
+    selected, skipped = select_parameters(model, include, exclude)
     names = [name for name, _ in selected]
-    parameters = [p for _, p in selected]
+    block_names, blocks = group_blocks(model, names, group_by)
+    operator = HessianOperator(model, batches, loss_fn, [p for _, p in selected], blocks, curvature)
 
     generator = torch.Generator().manual_seed(seed)
-    solver_type = _PowerIteration if method == "power_iteration" else _Lanczos
-    solvers = {
-        b: solver_type(torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p))
-        for b, p in enumerate(parameters)
-    }
-    history = torch.full((len(parameters), max_iterations), float("nan"), dtype=torch.float64)
-    iterations = torch.zeros(len(parameters), dtype=torch.int64)
-    converged = torch.zeros(len(parameters), dtype=torch.bool)
+    solvers: dict[int, PowerIteration | Lanczos] = {}
+    for b, size in enumerate(operator.sizes):
+        start = torch.randn(size, generator=generator, dtype=torch.float64).to(operator.device, operator.dtype)
+        if method == "power_iteration":
+            second = torch.randn(size, generator=generator, dtype=torch.float64).to(operator.device, operator.dtype)
+            solvers[b] = PowerIteration(start, tol, which, second)
+        else:
+            solvers[b] = Lanczos(start, tol, which)
+    steps = max_iterations * (2 if method == "power_iteration" and which == "extremes" else 1)
+    history = torch.full((len(blocks), steps), math.nan, dtype=torch.float64)
+    iterations = torch.zeros(len(blocks), dtype=torch.int64)
     active = set(solvers)
-    graph_cache = {} if len(batches) == 1 else None
-    num_samples = sum(inputs.shape[0] for inputs, _ in batches)
 
     was_training = model.training
     model.eval()
-    bar = tqdm(total=max_iterations, desc="hessian blocks", disable=None if progress else True, unit="iter")
+    bar = tqdm(total=steps, desc="hessian blocks", disable=None if progress else True, unit="iter")
     try:
-        for k in range(max_iterations):
-            products = block_hvps(
-                model, batches, loss_fn, parameters, {b: solvers[b].vector for b in active}, graph_cache
-            )
+        for k in range(steps):
+            products = operator.matvec({b: solvers[b].vector for b in active})
             for b, product in products.items():
                 solver = solvers[b]
-                previous = solver.eigenvalue
-                estimate = solver.step(product)
-                history[b, k] = estimate
+                solver.step(product)
+                history[b, k] = solver.estimate
                 iterations[b] = k + 1
-                change = abs(estimate - previous) / max(abs(estimate), 1e-30)
-                if estimate == 0.0 or change < tol or getattr(solver, "exhausted", False):
-                    converged[b] = True
-            active = {b for b in active if not converged[b]}
+            active = {b for b in active if not solvers[b].done and solvers[b].steps_in_phase < max_iterations}
             bar.update()
             bar.set_postfix(active_blocks=len(active))
             if not active:
                 break
     finally:
         bar.close()
-        graph_cache = None
+        operator.release()
         model.train(was_training)
 
-    result = HessianResult(
-        parameter_names=names,
-        eigenvalues=torch.tensor([solvers[b].eigenvalue for b in range(len(names))], dtype=torch.float64),
-        iterations=iterations,
-        residuals=torch.tensor([solvers[b].residual for b in range(len(names))], dtype=torch.float64),
-        converged=converged,
-        history=history,
-        skipped=skipped,
-        method=method,
-        max_iterations=max_iterations,
-        tol=tol,
-        num_samples=num_samples,
-    )
+    result = _collect(solvers, block_names, blocks, names, operator, history, iterations, skipped,
+                      method, group_by, which, curvature, max_iterations, tol, seed)
     if result.not_converged:
         log.warning(
             "Hessian: %d block(s) did not converge within %d iterations (tol %g): %s",
             len(result.not_converged), max_iterations, tol, ", ".join(result.not_converged),
         )
     return result
+
+
+def _collect(solvers, block_names, blocks, names, operator, history, iterations, skipped,
+             method, group_by, which, curvature, max_iterations, tol, seed) -> HessianResult:
+    count = len(blocks)
+
+    def column(attribute: str) -> torch.Tensor:
+        return torch.tensor([float(getattr(solvers[b], attribute)) for b in range(count)], dtype=torch.float64)
+
+    nan = torch.full((count,), math.nan, dtype=torch.float64)
+    if which == "extremes":
+        if method == "lanczos":
+            smallest = torch.tensor([float(solvers[b].tracked[0]) for b in range(count)], dtype=torch.float64)
+            largest = torch.tensor([float(solvers[b].tracked[1]) for b in range(count)], dtype=torch.float64)
+            eigenvalues = torch.where(largest.abs() >= smallest.abs(), largest, smallest)
+            residuals = torch.tensor(
+                [float(solvers[b].tracked_residuals[int(largest[b].abs() < smallest[b].abs())]) for b in range(count)],
+                dtype=torch.float64,
+            )
+        else:
+            largest, smallest = column("largest"), column("smallest")
+            eigenvalues, residuals = column("eigenvalue"), column("residual")
+    else:
+        eigenvalues, residuals, largest, smallest = column("eigenvalue"), column("residual"), nan, nan.clone()
+    return HessianResult(
+        block_names=block_names,
+        block_parameters=[[names[i] for i in block] for block in blocks],
+        block_sizes=list(operator.sizes),
+        eigenvalues=eigenvalues,
+        largest=largest,
+        smallest=smallest,
+        iterations=iterations,
+        residuals=residuals,
+        converged=torch.tensor([bool(solvers[b].done) for b in range(count)]),
+        history=history,
+        skipped=skipped,
+        method=method,
+        group_by=group_by,
+        which=which,
+        curvature=curvature,
+        max_iterations=max_iterations,
+        tol=tol,
+        num_samples=operator.num_samples,
+        seed=seed,
+    )

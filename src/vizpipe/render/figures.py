@@ -38,13 +38,15 @@ def render_results(
     log_scale: bool | None = None,
     max_val: float | None = None,
     kernel_normalize: str | None = None,
+    hessian_symlog: bool | None = None,
 ) -> list[Path]:
     """Draw all figures for the analyses in a results file; return the written paths.
 
     ``out_dir`` defaults to ``figures/`` next to the results file. ``log_scale``,
     ``max_val`` and ``kernel_normalize`` override the rendering choices stored in
-    the file. GIFs of activation-maximization frames are written besides the
-    requested formats.
+    the file. ``hessian_symlog`` forces the symmetric-log eigenvalue axis on or
+    off (None: on when the values span more than two decades). GIFs of
+    activation-maximization frames are written besides the requested formats.
     """
     formats = list(formats)
     unknown = [f for f in formats if f not in SUPPORTED_FORMATS]
@@ -60,7 +62,7 @@ def render_results(
         if "landscape" in results:
             written += render_landscape(results, out, formats, log_scale, max_val)
         if "hessian" in results:
-            written += render_hessian(results, out, formats)
+            written += render_hessian(results, out, formats, hessian_symlog)
         if "conv_kernels" in results:
             written += render_kernels(results, out, formats, kernel_normalize)
         if "activation_maximization" in results:

@@ -1,0 +1,214 @@
+"""Step-by-step eigensolvers for symmetric operators known only through products.
+
+Each solver holds its current ``vector``; the caller computes ``H @ vector``
+(one Hessian-vector product) and passes it to ``step``. This inversion lets
+many solvers (one per Hessian block) share each pass over the data and stop
+independently. Vectors are flat 1-D tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+WHICH = ("magnitude", "extremes")
+
+_TINY = 1e-30
+
+
+def _relative_change(new: float, old: float) -> float:
+    if math.isnan(old):
+        return math.inf
+    if new == old:
+        return 0.0
+    return abs(new - old) / max(abs(new), _TINY)
+
+
+class PowerIteration:
+    """Power iteration; the estimate is the Rayleigh quotient ``v.Hv`` with ``|v| = 1``.
+
+    With ``which="extremes"`` a second phase runs power iteration on the shifted
+    operator ``H - lambda_1 I`` (``lambda_1`` the dominant eigenvalue), which
+    converges to the eigenvalue at the other end of the spectrum. That gives the
+    largest and the smallest algebraic eigenvalue; ``second_start`` seeds it.
+    The estimate stops changing by less than ``tol`` relative to end a phase.
+    """
+
+    def __init__(self, start: torch.Tensor, tol: float, which: str = "magnitude", second_start: torch.Tensor | None = None):
+        self.vector = start / start.norm()
+        self.tol = tol
+        self.which = which
+        self.second_start = second_start
+        self.shift = 0.0
+        self.phase = 1
+        self.eigenvalue = math.nan  # dominant (largest magnitude), sign kept
+        self.residual = math.nan
+        self.other = math.nan  # the other end of the spectrum, found in phase 2
+        self.other_residual = math.nan
+        self.steps_in_phase = 0
+        self.done = False
+
+    @property
+    def estimate(self) -> float:
+        return self.eigenvalue if self.phase == 1 else self.other
+
+    @property
+    def largest(self) -> float:
+        return max(self.eigenvalue, self.other) if not math.isnan(self.other) else math.nan
+
+    @property
+    def smallest(self) -> float:
+        return min(self.eigenvalue, self.other) if not math.isnan(self.other) else math.nan
+
+    def step(self, product: torch.Tensor) -> None:
+        self.steps_in_phase += 1
+        shifted = product - self.shift * self.vector if self.shift else product
+        rayleigh = float(torch.dot(self.vector, shifted))
+        norm = float(shifted.norm())
+        value = rayleigh + self.shift
+        residual = float((product - value * self.vector).norm()) / max(abs(value), _TINY) if value else 0.0
+        previous = self.estimate
+
+        if self.phase == 1:
+            self.eigenvalue, self.residual = value, residual
+        else:
+            self.other, self.other_residual = value, residual
+        phase_done = norm == 0.0 or _relative_change(value, previous) < self.tol
+        if norm > 0.0:
+            self.vector = shifted / norm
+        if not phase_done:
+            return
+        if norm == 0.0 and self.phase == 1:
+            self.eigenvalue, self.residual = 0.0, 0.0  # zero block: H v = 0 for every v
+        if self.phase == 1 and self.which == "extremes" and self.eigenvalue != 0.0:
+            self.phase = 2
+            self.steps_in_phase = 0
+            self.shift = self.eigenvalue
+            start = self.second_start if self.second_start is not None else torch.ones_like(self.vector)
+            self.vector = start / start.norm()
+            return
+        if self.phase == 1 and self.which == "extremes":
+            self.other, self.other_residual = 0.0, 0.0
+        self.done = True
+
+
+class Lanczos:
+    """Lanczos with full reorthogonalization (Gram-Schmidt applied twice).
+
+    After ``k`` products the Ritz values (eigenvalues of the ``k x k``
+    tridiagonal matrix) approximate the extreme eigenvalues. The residual norm
+    of a Ritz pair ``(theta, y)`` is ``|beta_k s_k|`` with ``s_k`` the last
+    component of its eigenvector in the tridiagonal basis (exact in exact
+    arithmetic, so no extra product is needed). ``num_values`` extreme values
+    are tracked: the largest-magnitude one, both algebraic ends, or the top
+    ``num_values`` algebraic ones (``which="top"``); the solver is done when all
+    tracked values change by less than ``tol`` relative, or when the Krylov
+    space is exhausted (then the Ritz values are exact).
+    """
+
+    def __init__(self, start: torch.Tensor, tol: float, which: str = "magnitude", num_values: int = 1, keep_basis: bool = True):
+        self.basis = [start / start.norm()]
+        self.vector = self.basis[0]
+        self.tol = tol
+        self.which = which
+        self.num_values = num_values
+        self.alphas: list[float] = []
+        self.betas: list[float] = []
+        self.ritz_values = torch.empty(0, dtype=torch.float64)
+        self.ritz_vectors = torch.empty(0, 0, dtype=torch.float64)
+        self.tracked = torch.full((self._tracked_count(),), math.nan, dtype=torch.float64)
+        self.tracked_residuals = torch.full_like(self.tracked, math.nan)
+        self.last_beta = math.nan
+        self.exhausted = False
+        self.done = False
+
+    def _tracked_count(self) -> int:
+        return {"magnitude": 1, "extremes": 2}.get(self.which, self.num_values)
+
+    @property
+    def eigenvalue(self) -> float:
+        return float(self.tracked[0])
+
+    @property
+    def residual(self) -> float:
+        return float(self.tracked_residuals[0])
+
+    @property
+    def estimate(self) -> float:
+        return self.eigenvalue
+
+    @property
+    def steps_in_phase(self) -> int:
+        return len(self.alphas)
+
+    def tridiagonal(self) -> torch.Tensor:
+        matrix = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
+        if len(self.alphas) > 1:
+            off = torch.tensor(self.betas[: len(self.alphas) - 1], dtype=torch.float64)
+            matrix += torch.diag(off, 1) + torch.diag(off, -1)
+        return matrix
+
+    def _select(self, values: torch.Tensor) -> torch.Tensor:
+        if self.which == "magnitude":
+            return values.abs().argmax().reshape(1)
+        if self.which == "extremes":
+            return torch.stack([values.argmin(), values.argmax()])
+        return torch.argsort(values, descending=True)[: self.num_values]
+
+    def step(self, product: torch.Tensor) -> None:
+        w = product.clone()
+        q = self.basis[-1]
+        self.alphas.append(float(torch.dot(q, w)))
+        for _ in range(2):
+            for previous in self.basis:
+                w -= torch.dot(previous, w) * previous
+        beta = float(w.norm())
+        self.last_beta = beta
+
+        values, vectors = torch.linalg.eigh(self.tridiagonal())
+        self.ritz_values, self.ritz_vectors = values, vectors
+        chosen = self._select(values)
+        tracked = values[chosen]
+        scale = tracked.abs().clamp_min(_TINY)
+        residuals = (beta * vectors[-1, chosen]).abs() / scale
+        residuals[tracked == 0] = 0.0
+        missing = len(self.tracked) - len(tracked)  # fewer Ritz values than requested so far
+        if missing:
+            padding = torch.full((missing,), math.nan, dtype=torch.float64)
+            tracked, residuals = torch.cat([tracked, padding]), torch.cat([residuals, padding])
+        changes = [_relative_change(float(new), float(old)) for new, old in zip(tracked, self.tracked)]
+        self.tracked, self.tracked_residuals = tracked, residuals
+
+        k = len(self.alphas)
+        if beta <= 1e-10 * max(float(product.norm()), _TINY) or k >= q.numel():
+            self.exhausted = True
+            self.done = True
+            return
+        self.betas.append(beta)
+        self.basis.append(w / beta)
+        self.vector = self.basis[-1]
+        if max(changes) < self.tol:
+            self.done = True
+
+    def ritz_vector(self, index: int) -> torch.Tensor:
+        """Return the Ritz vector of ``ritz_values[index]`` in the original space, unit norm."""
+        coefficients = self.ritz_vectors[:, index].to(self.basis[0])
+        vector = torch.stack(self.basis[: len(coefficients)]).T @ coefficients
+        return vector / vector.norm()
+
+
+def quadrature_nodes_weights(alphas: list[float], betas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the Gauss quadrature nodes and weights of a Lanczos run from a unit start vector.
+
+    The nodes are the tridiagonal's eigenvalues and the weights the squared first
+    components of its eigenvectors; they sum to 1. ``sum(w * f(nodes))``
+    approximates ``v^T f(H) v`` (Golub and Meurant, "Matrices, Moments and
+    Quadrature with Applications", 2010).
+    """
+    matrix = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if len(alphas) > 1:
+        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+        matrix += torch.diag(off, 1) + torch.diag(off, -1)
+    nodes, vectors = torch.linalg.eigh(matrix)
+    return nodes, vectors[0] ** 2
