@@ -57,6 +57,8 @@ def test_killed_landscape_resumes_to_identical_values(tmp_path):
     with h5py.File(tmp_path / "reference" / "results.h5") as first, h5py.File(run_dir / "results.h5") as second:
         np.testing.assert_array_equal(first["landscape/loss"][()], second["landscape/loss"][()])
         np.testing.assert_array_equal(first["landscape/accuracy"][()], second["landscape/accuracy"][()])
+        # Hessian products are summed over the ranks' batches, so only the summation order differs.
+        np.testing.assert_allclose(first["hessian/eigenvalues"][()], second["hessian/eigenvalues"][()], rtol=1e-5)
         assert second["landscape/done"][()].all()
         assert second["landscape"].attrs["complete"]
 
@@ -107,7 +109,10 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(tmp_path):
-    options = [*LANDSCAPE, "analysis.landscape.resolution=7"]
+    options = [
+        *[o for o in LANDSCAPE if not o.startswith("analysis=")], "analysis=[landscape,hessian]",
+        "analysis.landscape.resolution=7", "analysis.hessian.max_iterations=5", "evaluation.batch_size=100",
+    ]
     single = run_cli([f"hydra.run.dir={tmp_path}/single", *options], cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
 
@@ -152,3 +157,46 @@ def test_interrupt_stops_cleanly_and_keeps_partial_points(tmp_path, compile_opti
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("vizpipe").experiment_id])
     assert [run.info.status for run in runs] == ["KILLED"]
+
+
+def test_hessian_eigenvector_direction_matches_exact(tmp_path):
+    import torch
+    from torch.func import functional_call, hessian
+
+    from vizpipe.data import digits
+    from vizpipe.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP([1, 8, 8], 10, [8])
+    torch.save(model.state_dict(), tmp_path / "mlp.pt")
+    completed = run_cli(
+        [f"hydra.run.dir={tmp_path}/run", "model=mlp", "model.hidden=[8]", "dataset.image_shape=[1,8,8]",
+         "weights.source=checkpoint", f"weights.checkpoint={tmp_path / 'mlp.pt'}", "evaluation.max_samples=100",
+         "analysis=[landscape]", "analysis.landscape.direction=hessian", "analysis.landscape.dims=1",
+         "analysis.landscape.resolution=3", "tracking.enabled=false", "figures.enabled=false", "progress=false"],
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+    data = digits(image_shape=[1, 8, 8])
+    x, y = data.x_test[:100].double(), data.y_test[:100]
+    params = {name: p.detach().double() for name, p in model.named_parameters()}
+    flat = torch.cat([p.flatten() for p in params.values()])
+
+    def loss_of(vector):
+        merged, offset = {}, 0
+        for name, p in params.items():
+            merged[name] = vector[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        return torch.nn.functional.cross_entropy(functional_call(model.double(), merged, (x,)), y)
+
+    values, vectors = torch.linalg.eigh(hessian(loss_of)(flat))
+    with h5py.File(tmp_path / "run" / "results.h5") as handle:
+        group = handle["landscape"]
+        assert group.attrs["kind"] == "hessian"
+        stored_value = float(group["hessian_eigenvalues"][0])
+        names = [n.decode() for n in group["parameter_names"][()]]
+        stored_vector = np.concatenate([group["direction_1"][name][()].ravel() for name in names])
+    assert stored_value == pytest.approx(float(values[-1]), rel=1e-3)
+    cosine = abs(float(np.dot(stored_vector, vectors[:, -1].numpy())) / np.linalg.norm(stored_vector))
+    assert cosine > 0.999

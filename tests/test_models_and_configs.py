@@ -86,7 +86,7 @@ def test_presets_exist():
         ("analysis.landscape.dims=3", "dims 3"),
         ("analysis.landscape.direction=target", "needs 2 file(s) in analysis.landscape.targets"),
         ("analysis.landscape.direction=pca", "trajectory"),
-        ("analysis.landscape.direction=hessian", "direction 'hessian'"),
+        ("analysis.landscape.direction=eigen", "direction 'eigen'"),
         ("analysis.landscape.noise_range=-2", "must be positive"),
         ("analysis.hessian.max_iterations=0", "max_iterations"),
         ("analysis.activation_maximization.iterations=0", "iterations"),

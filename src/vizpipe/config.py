@@ -48,7 +48,7 @@ class ConvKernelsConfig:
 @dataclass
 class LandscapeConfig:
     dims: int = 2  # 1: a line, 2: a plane
-    direction: str = "random"  # random | target | pca
+    direction: str = "random"  # random | target | pca | hessian (top eigenvectors of the whole Hessian)
     noise_range: Any = 1.0  # x coordinates: r for [-r, r], or [min, max]
     y_range: Any = None  # y coordinates (2D); None: same as noise_range
     resolution: int = 21  # points per axis

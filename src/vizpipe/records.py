@@ -75,7 +75,7 @@ def directions_from_group(group: dict[str, Any], attrs: dict[str, Any]) -> Direc
             break
         vectors.append([torch.from_numpy(np.asarray(stored[name])) for name in names])
     extras = {
-        key: torch.from_numpy(np.asarray(group[key])) for key in ("explained_variance_ratio", "trajectory") if key in group
+        key: torch.from_numpy(np.asarray(group[key])) for key in ("explained_variance_ratio", "trajectory", "hessian_eigenvalues") if key in group
     }
     return Directions(names, vectors, attrs.get("kind", "random"), extras)
 

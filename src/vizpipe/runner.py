@@ -41,7 +41,12 @@ from vizpipe.analyses.directions import (
     state_entries,
     target_directions,
 )
-from vizpipe.analyses.hessian_spectrum import hessian_density, hessian_top_eigenvalues, hessian_trace
+from vizpipe.analyses.hessian_spectrum import (
+    eigenvector_directions,
+    hessian_density,
+    hessian_top_eigenvalues,
+    hessian_trace,
+)
 from vizpipe.analyses.landscape import coordinates
 from vizpipe.analyses.modules import conv_layer_names, find_layer
 from vizpipe.data.base import ImageDataset, batches
@@ -180,8 +185,8 @@ def _validate_landscape(land: DictConfig) -> None:
     _validate_range(_plain(land.noise_range), f"{prefix}.noise_range")
     if land.y_range is not None:
         _validate_range(_plain(land.y_range), f"{prefix}.y_range")
-    if land.direction not in ("random", "target", "pca"):
-        raise VizpipeError(f"invalid {prefix}.direction {land.direction!r}; use random, target or pca")
+    if land.direction not in ("random", "target", "pca", "hessian"):
+        raise VizpipeError(f"invalid {prefix}.direction {land.direction!r}; use random, target, pca or hessian")
     if land.normalization not in ("filter", "layer", "none"):
         raise VizpipeError(f"invalid {prefix}.normalization {land.normalization!r}; use filter, layer or none")
     if land.ignore not in ("biasbn", "none"):
@@ -649,8 +654,8 @@ def expand_paths(patterns: list[str], what: str) -> list[str]:
     return paths
 
 
-def landscape_directions(options, cfg: DictConfig, model: nn.Module) -> Directions:
-    """Build the directions the landscape config requests (random, target, PCA, or from a results file)."""
+def landscape_directions(options, cfg: DictConfig, model: nn.Module, eval_batches=None, loss_fn=None) -> Directions:
+    """Build the directions the landscape config requests (random, target, PCA, Hessian, or from a results file)."""
     if options.directions_from:
         source = resolve_results_path(options.directions_from)
         results = store.read_results(source)
@@ -668,6 +673,17 @@ def landscape_directions(options, cfg: DictConfig, model: nn.Module) -> Directio
         return random_directions(
             model, options.dims, cfg.seed, options.normalization, options.ignore, bool(options.include_buffers)
         )
+    if options.direction == "hessian":
+        log.info("Computing the top-%d Hessian eigenvectors as landscape directions", options.dims)
+        # Each torchrun rank passes its share of the batches; the operator sums the products over ranks.
+        mine = [eval_batches[i] for i in distributed.shard(len(eval_batches))]
+        top = hessian_top_eigenvalues(
+            model, mine, loss_fn, k=options.dims, max_iterations=100, tol=1e-6, seed=cfg.seed,
+            eigenvectors=True, progress=cfg.progress,
+        )
+        names = [name for name, _ in model.named_parameters()]
+        vectors = eigenvector_directions(model, top)[: options.dims]
+        return Directions(names, vectors, "hessian", {"hessian_eigenvalues": top.eigenvalues[: options.dims].float()})
     if options.direction == "target":
         targets = [read_state_dict(path, "target checkpoint") for path in options.targets]
         include_buffers = True if options.include_buffers is None else options.include_buffers
@@ -720,7 +736,8 @@ def _run_landscape(options, cfg, model, dataset, loss_fn, x_eval, y_eval, result
         "ignore": options.ignore, "seed": cfg.seed, "dims": options.dims,
     }
 
-    directions = landscape_directions(options, cfg, model)
+    eval_batches = batches(x, y, cfg.evaluation.batch_size)
+    directions = landscape_directions(options, cfg, model, eval_batches, loss_fn)
     resumed = _resume_landscape(results_path, shape)
     state = None
     if resumed is not None:
