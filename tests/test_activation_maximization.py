@@ -254,3 +254,28 @@ def test_untraceable_model_uses_hook_and_matches():
         direct = model.conv((result.display_images - 0.0) / 1.0).mean(dim=(2, 3))
     torch.testing.assert_close(result.final_activations, direct.diagonal().double(), rtol=1e-5, atol=1e-6)
     assert math.isfinite(float(result.final_activations.sum()))
+
+
+def test_gaussian_blur_matches_scipy():
+    from scipy.ndimage import gaussian_filter
+
+    from vizpipe.analyses.am.transforms import gaussian_blur, total_variation
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 9, 11, dtype=torch.float64)
+    blurred = gaussian_blur(images, sigma=1.0)
+    expected = gaussian_filter(images.numpy(), sigma=(0, 0, 1.0, 1.0), mode="mirror", truncate=3.0)
+    torch.testing.assert_close(blurred, torch.from_numpy(expected), rtol=1e-10, atol=1e-10)
+    # sigma 1 pixel visibly smooths: a checkerboard loses most of its total variation.
+    checkerboard = (torch.arange(8).view(-1, 1) + torch.arange(8).view(1, -1)).remainder(2).double().view(1, 1, 8, 8)
+    assert total_variation(gaussian_blur(checkerboard, sigma=1.0)).item() < 0.2 * total_variation(checkerboard).item()
+
+
+def test_random_affine_integer_shift_is_exact():
+    from vizpipe.analyses.am.transforms import random_affine
+
+    images = torch.rand(2, 1, 6, 7, dtype=torch.float64)
+    parameters = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    moved = random_affine(images, parameters)
+    torch.testing.assert_close(moved[0, :, :, 1:], images[0, :, :, :-1])  # one pixel to the right
+    torch.testing.assert_close(moved[1], images[1])
