@@ -94,3 +94,26 @@ def test_bad_options_fail_before_work(tmp_path):
     assert "out of range for layer 'conv1'" in errors[0]
     assert f"fix {AM}.channels" in errors[0]
     assert not (tmp_path / "run" / "results.h5").exists()
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("scale=[1.2,1.0]", "scale"),
+        ("norm_crop=100", "norm_crop"),
+        ("objective=unit", "objective"),
+        ("layers=conv1", "layers"),
+        ("position=[1]", "position"),
+    ],
+)
+def test_invalid_options_rejected_by_validate(override, fragment):
+    from hydra import compose, initialize_config_module
+
+    from vizpipe.config import register_configs
+    from vizpipe.runner import validate
+
+    register_configs()
+    with initialize_config_module(config_module="vizpipe.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["analysis=[activation_maximization]", f"{AM}.{override}"])
+    with pytest.raises(VizpipeError, match=fragment):
+        validate(cfg)

@@ -119,10 +119,28 @@ def validate_activation_maximization(am: DictConfig) -> None:
         (am.objective in ("channel", "neuron"), f"invalid {prefix}.objective {am.objective!r}; use channel or neuron"),
         (am.parameterization in ("pixel", "fourier"),
          f"invalid {prefix}.parameterization {am.parameterization!r}; use pixel or fourier"),
+        (am.jitter >= 0, f"invalid {prefix}.jitter {am.jitter}: it must be 0 (off) or a number of pixels"),
+        (am.blur_every >= 0, f"invalid {prefix}.blur_every {am.blur_every}: it must be 0 (off) or positive"),
+        (am.blur_sigma > 0, f"invalid {prefix}.blur_sigma {am.blur_sigma}: it must be positive"),
+        (0 <= am.norm_crop < 100, f"invalid {prefix}.norm_crop {am.norm_crop}: give a percentile in [0, 100)"),
+        (0 <= am.contribution_crop < 100,
+         f"invalid {prefix}.contribution_crop {am.contribution_crop}: give a percentile in [0, 100)"),
+        (len(am.scale) == 2 and 0 < am.scale[0] <= am.scale[1],
+         f"invalid {prefix}.scale {list(am.scale)}: give [min, max] with 0 < min <= max"),
+        (am.norm_constraint is None or am.norm_constraint > 0,
+         f"invalid {prefix}.norm_constraint {am.norm_constraint}: it must be positive or null"),
+        (am.position is None or len(am.position) == 2,
+         f"invalid {prefix}.position {am.position}: give [row, column] or null for the center"),
     ]
     for condition, message in checks:
         if not condition:
             raise VizpipeError(message)
+    if am.parameterization == "fourier":
+        pixel_only = [name for name in ("blur_every", "norm_crop", "contribution_crop", "norm_constraint") if am[name]]
+        if pixel_only:
+            raise VizpipeError(
+                f"{prefix}.{pixel_only[0]} changes pixels in place and needs {prefix}.parameterization=pixel"
+            )
     layers = OmegaConf.to_object(am.layers) if OmegaConf.is_config(am.layers) else am.layers
     if not (layers is None or layers == "all_conv" or (isinstance(layers, list) and all(isinstance(v, str) for v in layers))):
         raise VizpipeError(f"invalid {prefix}.layers {layers!r}: use all_conv or a list of module names, e.g. [conv1,conv2]")
