@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", default=["pre_conv", "layers.2.0.conv2"])
     parser.add_argument("--compile", action="store_true",
                         help="also time vizpipe with compile=True (compilation time reported apart)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="time only the vizpipe variants (to compare them with each other)")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps the default")
     args = parser.parse_args()
 
@@ -110,11 +112,15 @@ def main() -> None:
                 activation_maximization(model, layer, [3, 32, 32], **options, **extra)
                 synchronize(device)
                 times[name].append(time.perf_counter() - started)
+            if args.no_reference:
+                continue
             started = time.perf_counter()
             reference(model, layer, channels, starts, args.iterations, 0.1, 1.0, mean, std)
             synchronize(device)
             times["reference"].append(time.perf_counter() - started)
 
+        if args.no_reference:
+            times["reference"] = [float("nan")] * args.repeats
         reference_median = statistics.median(times["reference"])
         print(f"{layer}: reference {reference_median:.2f} s "
               f"({1e3 * reference_median / args.iterations / args.channels:.2f} ms per channel and step)")

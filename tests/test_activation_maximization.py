@@ -41,7 +41,8 @@ def test_activation_rises_above_start_and_real_images(cnn):
         real = layer_output(cnn, cnn.conv2, data.x_test).mean(dim=(2, 3))
     torch.testing.assert_close(recomputed.double(), result.final_activations, rtol=1e-4, atol=1e-5)
     assert bool((recomputed > real.max(dim=0).values).all())
-    assert result.display_images.min() >= 0 and result.display_images.max() <= 1
+    assert result.display_images.min() >= 0
+    assert result.display_images.max() <= 1
 
 
 def test_model_left_untouched(cnn):
@@ -130,7 +131,7 @@ def test_first_layer_reaches_box_constrained_optimum(cnn):
         torch.testing.assert_close(result.display_images[index], optimum[0], atol=1e-3, rtol=0)
 
 
-def test_first_linear_layer_with_norm_constraint_finds_filter_direction():
+def test_first_linear_layer_norm_constrained_optimum():
     """Maximizing w . x + b over ||x|| = r gives x = r w / ||w||: the filter's direction."""
     torch.manual_seed(1)
     model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 6 * 6, 5), nn.ReLU(), nn.Linear(5, 3))
@@ -147,7 +148,7 @@ def test_first_linear_layer_with_norm_constraint_finds_filter_direction():
         assert result.final_activations[index].item() == pytest.approx(best.item(), rel=1e-3)
 
 
-def test_first_conv_neuron_with_norm_constraint_finds_filter():
+def test_first_conv_neuron_norm_constrained_optimum():
     """A neuron of a first conv layer is w . patch + b; with the input's norm fixed the
     optimum is the filter on that neuron's receptive field, zero elsewhere."""
     torch.manual_seed(2)
@@ -219,7 +220,7 @@ def test_grayscale_and_four_channel_models(channels, parameterization):
     assert bool((result.final_activations > result.start_activations).all())
 
 
-def test_fourier_images_stay_in_range_and_follow_colour_correlation():
+def test_fourier_colour_correlation_keeps_gray():
     from vizpipe.analyses.am.parameterizations import color_correlation_sqrt
 
     gray = torch.rand(50, 1, 6, 6).repeat(1, 3, 1, 1)

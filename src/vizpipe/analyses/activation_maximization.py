@@ -3,9 +3,9 @@ input images so that each image maximizes one channel (or neuron, or unit) of a 
 
 All selected channels of a layer are optimized together, image ``i`` for channel
 ``i`` (or ``images_per_channel`` consecutive images per channel), and the
-forward pass stops at the target layer. With the model in eval mode the images
-do not interact (BatchNorm uses running statistics, Adam's state is per
-element, random transforms are drawn per image), so the batch gives the same
+forward pass stops at the target layer. In eval mode the images do not
+interact, because BatchNorm uses running statistics, Adam's state is per
+element and random transforms are drawn per image. So the batch gives the same
 images as one run per channel, up to floating-point rounding.
 
 The parts compose: ``am.objectives`` (what is maximized), ``am.parameterizations``
@@ -58,8 +58,8 @@ class ActivationMaximizationResult:
     each channel has K consecutive images. ``images`` [N, C, H, W] are the model
     inputs (normalized with the dataset's mean and std, unclipped);
     ``display_images`` are the same images in pixel space, clipped to [0, 1].
-    ``history[k, i]`` is image ``i``'s activation before step ``k + 1`` (the last
-    row is after the last step, on the untransformed image); ``frames``
+    ``history[k, i]`` is image ``i``'s activation before step ``k + 1``, and its
+    last row is after the last step, on the untransformed image. ``frames``
     [n_frames, N, C, H, W] are uint8 pixel snapshots taken at ``frame_iterations``.
     """
 
@@ -160,9 +160,9 @@ def activation_maximization(
         jitter, scale, rotation: random transforms before each forward pass: a shift of
             up to ``jitter`` pixels, a scale factor in [scale[0], scale[1]], a rotation of
             up to ``rotation`` degrees either way.
-        norm_crop, contribution_crop: pixel parameterization only; after every step set
+        norm_crop, contribution_crop: pixel parameterization only. After every step,
             the pixels below this percentile (0-100) of norm, or of contribution
-            ``|input * gradient|``, to the dataset mean, in place (0: off).
+            ``|input * gradient|``, are set to the dataset mean in place (0: off).
         norm_constraint: pixel parameterization only; after every step scale each
             normalized input to this L2 norm (None: off). Use with ``clamp=False``.
         mean, std: the dataset's per-channel normalization; the model sees

@@ -70,7 +70,7 @@ def _below_percentile(score: torch.Tensor, percentile: float) -> torch.Tensor:
 def norm_crop_(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, percentile: float) -> None:
     """Set pixels whose norm over channels (in normalized units) is below ``percentile`` to the dataset mean.
 
-    The model sees those pixels as 0. Works in place on ``pixels`` [B, C, H, W]."""
+    Those pixels become 0 in the model input. Works in place on ``pixels`` [B, C, H, W]."""
     with torch.no_grad():
         norm = ((pixels - mean) / std).norm(dim=1)
         mask = _below_percentile(norm, percentile).unsqueeze(1)
@@ -103,9 +103,9 @@ def tangent_gradient_(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     """Remove from ``pixels.grad`` its component along each image's normalized input, in place.
 
     With the input's norm fixed, only the part of the gradient tangent to the
-    sphere moves the image. Adam divides each element by its own scale, so the
-    full gradient would drive a linear objective to ``sign(w)`` instead of ``w``
-    after projection; the tangent gradient vanishes at the true optimum.
+    sphere moves the image. Adam divides each element by its own scale, so with
+    the full gradient a linear objective ends at ``sign(w)`` instead of ``w``
+    after projection. The tangent gradient vanishes at the true optimum.
     """
     with torch.no_grad():
         direction = ((pixels - mean) / std).flatten(1)
