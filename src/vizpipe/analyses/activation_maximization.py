@@ -172,8 +172,9 @@ def activation_maximization(
         batch_size: images optimized together per chunk (at least one channel's K images).
         seed: fixes start images and random transforms; an image starts and moves the
             same whichever other channels are selected.
-        compile: run the model cut at the layer through ``torch.compile`` (a one-off
-            compilation of tens of seconds on a CPU; pays off for long runs).
+        compile: run the model cut at the layer through ``torch.compile``. It adds a
+            one-off compilation of tens of seconds on a 2-core CPU. NOTE: its per-step
+            gain is not yet recorded by ``scripts/bench_am.py``, so it is off by default.
         channels_last: channels-last memory format for 4D inputs and weights; default
             on for CPU, where oneDNN convolutions run faster with it.
         progress: show a tqdm progress bar.
