@@ -60,11 +60,11 @@ def test_sweep_writes_results_figures_and_metrics(tmp_path):
         with Image.open(figures / "activation_maximization_conv2.gif") as gif:
             assert gif.n_frames == 4
         for channel in range(3):
-            with Image.open(figures / "activation_maximization" / f"conv2_{channel}.gif") as gif:
+            with Image.open(figures / f"conv2_{channel}.gif") as gif:
                 assert gif.n_frames == 4
-            with Image.open(figures / "activation_maximization" / f"conv2_{channel}_final.png") as png:
+            with Image.open(figures / f"conv2_{channel}_final.png") as png:
                 assert png.width > png.height  # the channel's two images side by side
-        assert not (figures / "activation_maximization" / "conv2_3.gif").exists()
+        assert not (figures / "conv2_3.gif").exists()
 
         client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/outputs/mlflow.db")
         runs = client.search_runs(

@@ -15,7 +15,6 @@ from vizpipe.store import Results
 
 log = logging.getLogger(__name__)
 
-CHANNEL_FOLDER = "activation_maximization"  # per-channel GIFs and PNGs, inside the figures folder
 _MIN_PIXELS = 128  # per-channel files are scaled up by whole factors to at least this size
 
 
@@ -51,7 +50,7 @@ def render_activation_maximization(results: Results, out: Path, formats) -> list
         frames = np.asarray(group["frames"])  # [frames, images, C, H, W] uint8
         columns = int(np.ceil(np.sqrt(frames.shape[1])))
         written.append(_write_gif(frames, columns, out / f"{safe_name('activation_maximization_' + layer)}.gif", 64))
-        written += _per_channel_files(group, layer, out / CHANNEL_FOLDER)
+        written += _per_channel_files(group, layer, out)
         written += _activation_curves(group, layer, out, formats)
     return written
 
@@ -92,7 +91,6 @@ def _write_gif(frames: np.ndarray, columns: int, path: Path, target_pixels: int)
 
 def _per_channel_files(group: dict, layer: str, folder: Path) -> list[Path]:
     """Write ``<layer>_<channel>.gif`` and ``<layer>_<channel>_final.png``; a channel's images sit side by side."""
-    folder.mkdir(parents=True, exist_ok=True)
     frames = np.asarray(group["frames"])
     display = np.asarray(group["display_images"], dtype=np.float32)
     channels = np.asarray(group["channels"])
