@@ -94,16 +94,33 @@ class HessianConfig:
 
 @dataclass
 class ActivationMaximizationConfig:
-    layers: Optional[List[str]] = None  # None: every Conv2d layer
-    channels: Any = None  # None or "all", an int, or a list of ints
+    layers: Any = "all_conv"  # all_conv (every Conv2d layer; also null) or a list of module names
+    channels: Any = "all"  # all, an int, a list of ints, or a range "start:stop[:step]"
     iterations: int = 200
     lr: float = 0.05
+    objective: str = "channel"  # channel (mean over positions) | neuron (one position)
+    position: Optional[List[int]] = None  # neuron objective: (row, column) in the layer output; None: center
+    negative: bool = False  # minimize instead of maximize
+    images_per_channel: int = 1
+    diversity_weight: float = 0.0  # penalty on Gram-matrix similarity between a channel's images
+    parameterization: str = "pixel"  # pixel | fourier
+    decorrelate: bool = True  # fourier: mix colours by the training images' channel correlation
     tv_weight: float = 0.0
+    l2_weight: float = 0.0
     weight_decay: float = 0.0
-    init_std: float = 0.1
+    blur_every: int = 0  # pixel: Gaussian blur in place every N steps (0: off)
+    blur_sigma: float = 1.0  # pixels
+    jitter: int = 0  # random shift of up to N pixels before each forward pass
+    scale: List[float] = field(default_factory=lambda: [1.0, 1.0])  # random scale factor range
+    rotation: float = 0.0  # random rotation of up to this many degrees either way
+    norm_crop: float = 0.0  # pixel: percentile of low-norm pixels set to the mean every step
+    contribution_crop: float = 0.0  # pixel: percentile of low-contribution pixels set to the mean every step
+    norm_constraint: Optional[float] = None  # pixel: L2 norm of each normalized input after every step
+    init_std: Optional[float] = None  # None: 0.1 for pixel, 0.01 for fourier
     clamp: bool = True
     frame_every: int = 10
-    batch_size: int = 64
+    batch_size: int = 64  # images optimized together
+    compile: bool = False  # torch.compile the model cut at the layer
 
 
 @dataclass

@@ -210,8 +210,14 @@ def hessian_metrics(
 
 
 def activation_maximization_metrics(result: ActivationMaximizationResult) -> dict[str, float]:
+    """Per-layer means and each channel's final activation (the mean over its images)."""
     layer = result.layer
-    return {
+    metrics = {
         f"activation_maximization/{layer}/mean_final_activation": float(result.final_activations.mean()),
         f"activation_maximization/{layer}/mean_start_activation": float(result.start_activations.mean()),
     }
+    channels = torch.tensor(result.channels)
+    for channel in dict.fromkeys(result.channels):
+        value = result.final_activations[channels == channel].mean()
+        metrics[f"activation_maximization/{layer}/final_activation/{channel}"] = float(value)
+    return metrics

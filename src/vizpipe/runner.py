@@ -47,8 +47,9 @@ from vizpipe.analyses.hessian_spectrum import (
     hessian_top_eigenvalues,
     hessian_trace,
 )
+from vizpipe.analyses.am.parameterizations import color_correlation_sqrt
 from vizpipe.analyses.landscape import coordinates
-from vizpipe.analyses.modules import conv_layer_names, find_layer
+from vizpipe.analyses.modules import find_layer
 from vizpipe.data.base import ImageDataset, batches
 from vizpipe.config import (
     ActivationMaximizationConfig,
@@ -151,13 +152,7 @@ def validate(cfg: DictConfig) -> None:
     if analyses.hessian is not None:
         _validate_hessian(analyses.hessian, require)
     if analyses.activation_maximization is not None:
-        am = analyses.activation_maximization
-        require(am.iterations >= 1, f"invalid analysis.activation_maximization.iterations {am.iterations}: it must be at least 1")
-        require(am.lr > 0, f"invalid analysis.activation_maximization.lr {am.lr}: it must be positive")
-        require(am.frame_every >= 1, f"invalid analysis.activation_maximization.frame_every {am.frame_every}: it must be at least 1")
-        require(am.batch_size >= 1, f"invalid analysis.activation_maximization.batch_size {am.batch_size}: it must be at least 1")
-        require(am.tv_weight >= 0, f"invalid analysis.activation_maximization.tv_weight {am.tv_weight}: it must be >= 0")
-        parse_channels(am.channels)
+        validate_activation_maximization(analyses.activation_maximization)
     for fmt in cfg.figures.formats:
         require(fmt in ("png", "pdf", "svg"), f"invalid figure format {fmt!r} in figures.formats; use png, pdf or svg")
 
@@ -224,8 +219,55 @@ def _validate_hessian(hess: DictConfig, require) -> None:
     require(hess.density_grid_points >= 2, f"{prefix}.density_grid_points {hess.density_grid_points}: it must be at least 2")
 
 
+def validate_activation_maximization(am: DictConfig) -> None:
+    """Check the activation-maximization options; raise ``VizpipeError`` on the first bad one."""
+    prefix = "analysis.activation_maximization"
+    checks = [
+        (am.iterations >= 1, f"invalid {prefix}.iterations {am.iterations}: it must be at least 1"),
+        (am.lr > 0, f"invalid {prefix}.lr {am.lr}: it must be positive"),
+        (am.frame_every >= 1, f"invalid {prefix}.frame_every {am.frame_every}: it must be at least 1"),
+        (am.batch_size >= 1, f"invalid {prefix}.batch_size {am.batch_size}: it must be at least 1"),
+        (am.images_per_channel >= 1, f"invalid {prefix}.images_per_channel {am.images_per_channel}: it must be at least 1"),
+        (am.tv_weight >= 0, f"invalid {prefix}.tv_weight {am.tv_weight}: it must be >= 0"),
+        (am.l2_weight >= 0, f"invalid {prefix}.l2_weight {am.l2_weight}: it must be >= 0"),
+        (am.diversity_weight >= 0, f"invalid {prefix}.diversity_weight {am.diversity_weight}: it must be >= 0"),
+        (am.objective in ("channel", "neuron"), f"invalid {prefix}.objective {am.objective!r}; use channel or neuron"),
+        (am.parameterization in ("pixel", "fourier"),
+         f"invalid {prefix}.parameterization {am.parameterization!r}; use pixel or fourier"),
+        (am.jitter >= 0, f"invalid {prefix}.jitter {am.jitter}: it must be 0 (off) or a number of pixels"),
+        (am.blur_every >= 0, f"invalid {prefix}.blur_every {am.blur_every}: it must be 0 (off) or positive"),
+        (am.blur_sigma > 0, f"invalid {prefix}.blur_sigma {am.blur_sigma}: it must be positive"),
+        (0 <= am.norm_crop < 100, f"invalid {prefix}.norm_crop {am.norm_crop}: give a percentile in [0, 100)"),
+        (0 <= am.contribution_crop < 100,
+         f"invalid {prefix}.contribution_crop {am.contribution_crop}: give a percentile in [0, 100)"),
+        (len(am.scale) == 2 and 0 < am.scale[0] <= am.scale[1],
+         f"invalid {prefix}.scale {list(am.scale)}: give [min, max] with 0 < min <= max"),
+        (am.norm_constraint is None or am.norm_constraint > 0,
+         f"invalid {prefix}.norm_constraint {am.norm_constraint}: it must be positive or null"),
+        (am.position is None or len(am.position) == 2,
+         f"invalid {prefix}.position {am.position}: give [row, column] or null for the center"),
+    ]
+    for condition, message in checks:
+        if not condition:
+            raise VizpipeError(message)
+    if am.parameterization == "fourier":
+        pixel_only = [name for name in ("blur_every", "norm_crop", "contribution_crop", "norm_constraint") if am[name]]
+        if pixel_only:
+            raise VizpipeError(
+                f"{prefix}.{pixel_only[0]} changes pixels in place and needs {prefix}.parameterization=pixel"
+            )
+    layers = OmegaConf.to_object(am.layers) if OmegaConf.is_config(am.layers) else am.layers
+    if not (layers is None or layers == "all_conv" or (isinstance(layers, list) and all(isinstance(v, str) for v in layers))):
+        raise VizpipeError(f"invalid {prefix}.layers {layers!r}: use all_conv or a list of module names, e.g. [conv1,conv2]")
+    parse_channels(am.channels)
+
+
 def parse_channels(value: Any) -> list[int] | None:
-    """Turn the ``channels`` option (None, "all", an int or a list of ints) into a list or None for all."""
+    """Turn the ``channels`` option into a list of indices, or None for all.
+
+    Accepts None or "all", an int, a list of ints, or a range "start:stop[:step]"
+    with Python's slice meaning (stop excluded).
+    """
     if OmegaConf.is_config(value):
         value = OmegaConf.to_object(value)
     if value is None or value == "all":
@@ -234,7 +276,33 @@ def parse_channels(value: Any) -> list[int] | None:
         return [value]
     if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return value
-    raise VizpipeError(f"invalid analysis.activation_maximization.channels {value!r}: use all, an integer or a list of integers")
+    if isinstance(value, str) and ":" in value:
+        parts = value.split(":")
+        try:
+            numbers = [int(part) for part in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) in (2, 3) and (len(numbers) == 2 or numbers[2] > 0) and numbers[0] >= 0:
+            indices = list(range(*numbers))
+            if indices:
+                return indices
+    raise VizpipeError(
+        f"invalid analysis.activation_maximization.channels {value!r}: use all, an integer, a list of integers "
+        "or a non-empty range start:stop[:step] such as '0:16'"
+    )
+
+
+def activation_maximization_layers(am: DictConfig, model: nn.Module) -> list[str]:
+    """Return the layer names the ``layers`` option selects: a list, or every Conv2d for all_conv."""
+    layers = OmegaConf.to_object(am.layers) if OmegaConf.is_config(am.layers) else am.layers
+    if layers is None or layers == "all_conv":
+        names = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+        if not names:
+            raise VizpipeError(
+                f"{type(model).__name__} has no Conv2d layer; set analysis.activation_maximization.layers to a list of module names"
+            )
+        return names
+    return list(layers)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -318,14 +386,10 @@ def check_layers(cfg: DictConfig, model: nn.Module, image_shape: list[int], devi
                     )
     am = cfg.analysis.activation_maximization
     if am is not None:
-        if am.layers is None and not conv_layer_names(model):
-            raise VizpipeError(
-                f"{type(model).__name__} has no convolution layer; set analysis.activation_maximization.layers"
-            )
         channels = parse_channels(am.channels)
         if channels is not None and not channels:
             raise VizpipeError("analysis.activation_maximization.channels is empty; use all, an index or a list of indices")
-        for name in am.layers if am.layers is not None else conv_layer_names(model):
+        for name in activation_maximization_layers(am, model):
             module = find_layer(model, name, purpose="activation maximization")
             if channels is None:
                 continue
@@ -810,18 +874,29 @@ def _run_hessian(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_
 
 def _run_activation_maximization(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path) -> dict[str, float]:
     metrics = {}
-    layers = list(options.layers) if options.layers is not None else conv_layer_names(model)
     channels = parse_channels(options.channels)
-    for layer in layers:
+    color_correlation = None
+    if options.parameterization == "fourier" and options.decorrelate:
+        mean = torch.tensor(dataset.mean).view(1, -1, 1, 1)
+        std = torch.tensor(dataset.std).view(1, -1, 1, 1)
+        color_correlation = color_correlation_sqrt(dataset.x_train[:2048] * std + mean)
+    for layer in activation_maximization_layers(options, model):
         result = activation_maximization(
-            model, layer, dataset.image_shape, channels=channels, iterations=options.iterations,
-            lr=options.lr, tv_weight=options.tv_weight, weight_decay=options.weight_decay,
-            mean=dataset.mean, std=dataset.std, init_std=options.init_std, clamp=options.clamp,
-            frame_every=options.frame_every, batch_size=options.batch_size, seed=cfg.seed, progress=cfg.progress,
+            model, layer, dataset.image_shape, channels=channels, iterations=options.iterations, lr=options.lr,
+            objective=options.objective, position=None if options.position is None else list(options.position),
+            negative=options.negative, images_per_channel=options.images_per_channel,
+            diversity_weight=options.diversity_weight, parameterization=options.parameterization,
+            color_correlation=color_correlation, tv_weight=options.tv_weight, l2_weight=options.l2_weight,
+            weight_decay=options.weight_decay, blur_every=options.blur_every, blur_sigma=options.blur_sigma,
+            jitter=options.jitter, scale=list(options.scale), rotation=options.rotation,
+            norm_crop=options.norm_crop, contribution_crop=options.contribution_crop,
+            norm_constraint=options.norm_constraint, mean=dataset.mean, std=dataset.std,
+            init_std=options.init_std, clamp=options.clamp, frame_every=options.frame_every,
+            batch_size=options.batch_size, seed=cfg.seed, compile=options.compile, progress=cfg.progress,
         )
         store.write_group(results_path, *records.activation_maximization_record(result))
         log.info(
-            "Activation maximization %s: %d channels, mean activation %.3g -> %.3g",
+            "Activation maximization %s: %d images, mean activation %.3g -> %.3g",
             layer, len(result.channels), float(result.start_activations.mean()), float(result.final_activations.mean()),
         )
         metrics.update(records.activation_maximization_metrics(result))

@@ -1,36 +1,66 @@
-"""Activation maximization (Erhan et al. 2009): gradient ascent on input images so
-that each image maximizes the mean activation of one channel of a layer.
+"""Activation maximization (Erhan et al. 2009; Olah et al. 2017): gradient ascent on
+input images so that each image maximizes one channel (or neuron, or unit) of a layer.
 
 All selected channels of a layer are optimized together, image ``i`` for channel
-``i``, and the forward pass stops at the target layer. With the model in eval
-mode the images do not interact (BatchNorm uses running statistics, Adam's
-state is per element), so the batch gives the same images as one run per
-channel, up to floating-point rounding.
+``i`` (or ``images_per_channel`` consecutive images per channel), and the
+forward pass stops at the target layer. In eval mode the images do not
+interact, because BatchNorm uses running statistics, Adam's state is per
+element and random transforms are drawn per image. So the batch gives the same
+images as one run per channel, up to floating-point rounding.
+
+The parts compose: ``am.objectives`` (what is maximized), ``am.parameterizations``
+(pixels or a Fourier spectrum), ``am.transforms`` (penalties, random transforms,
+in-place regularizers) and ``am.forward`` (the model cut at the layer).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vizpipe.analyses.am import transforms as T
+from vizpipe.analyses.am.forward import (
+    capture_output,
+    channels_last_weights,
+    frozen_eval,
+    layer_forward,
+    layer_output,
+)
+from vizpipe.analyses.am.objectives import Objective, diversity
+from vizpipe.analyses.am.parameterizations import PARAMETERIZATIONS, FourierImage, PixelImage
 from vizpipe.analyses.modules import find_layer
 from vizpipe.errors import VizpipeError
+
+__all__ = [
+    "ActivationMaximizationResult",
+    "activation_maximization",
+    "capture_output",
+    "channel_activation",
+    "count_channels",
+    "frozen_eval",
+    "layer_output",
+    "total_variation",
+]
+
+total_variation = T.total_variation
 
 
 @dataclass
 class ActivationMaximizationResult:
     """Optimized images for the channels of one layer.
 
-    ``display_images`` are in pixel space [0, 1], shape [channels, C, H, W];
-    ``images`` are the same images normalized as the model sees them.
-    ``history[k, i]`` is channel ``channels[i]``'s mean activation after ``k`` steps
-    (row 0 is the start image); ``frames`` [n_frames, channels, C, H, W] are uint8
-    pixel snapshots taken at ``frame_iterations``.
+    Image ``i`` belongs to channel ``channels[i]``; with ``images_per_channel = K``
+    each channel has K consecutive images. ``images`` [N, C, H, W] are the model
+    inputs (normalized with the dataset's mean and std, unclipped);
+    ``display_images`` are the same images in pixel space, clipped to [0, 1].
+    ``history[k, i]`` is image ``i``'s activation before step ``k + 1``, and its
+    last row is after the last step, on the untransformed image. ``frames``
+    [n_frames, N, C, H, W] are uint8 pixel snapshots taken at ``frame_iterations``.
     """
 
     layer: str
@@ -42,82 +72,31 @@ class ActivationMaximizationResult:
     history: torch.Tensor
     frames: torch.Tensor
     frame_iterations: list[int]
-    settings: dict
-
-
-class _StopForward(Exception):
-    pass
-
-
-@contextmanager
-def _capture_output(module: nn.Module, stop: bool = True):
-    """Record the output of ``module``; with ``stop``, abort the forward pass right after it."""
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(_module, _inputs, output):
-        captured["output"] = output
-        if stop:
-            raise _StopForward
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def frozen_eval(model: nn.Module):
-    """Put ``model`` in eval mode with ``requires_grad=False`` on every parameter; restore both."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    try:
-        for parameter, _ in flags:
-            parameter.requires_grad_(False)
-        model.eval()
-        yield model
-    finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-        model.train(was_training)
-
-
-def layer_output(model: nn.Module, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Run ``model`` on ``inputs`` up to ``module`` and return that module's output."""
-    with _capture_output(module) as captured:
-        try:
-            model(inputs)
-        except _StopForward:
-            pass
-    if "output" not in captured:
-        raise VizpipeError(f"layer {type(module).__name__} was not reached in the model's forward pass")
-    output = captured["output"]
-    if not isinstance(output, torch.Tensor):
-        raise VizpipeError(f"layer output is a {type(output).__name__}, not a tensor; pick another layer")
-    return output
+    settings: dict = field(default_factory=dict)
 
 
 def channel_activation(output: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     """Mean activation of channel ``channels[i]`` in ``output[i]`` (dim 1 is the channel)."""
-    rows = torch.arange(output.shape[0], device=output.device)
-    selected = output[rows, channels]
-    return selected.flatten(1).mean(dim=1) if selected.dim() > 1 else selected
-
-
-def total_variation(images: torch.Tensor) -> torch.Tensor:
-    """Anisotropic total variation per image: mean absolute difference of neighbouring pixels."""
-    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().flatten(1).mean(dim=1)
-    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().flatten(1).mean(dim=1)
-    return dx + dy
+    return Objective("channel").activation(output, channels)
 
 
 def count_channels(model: nn.Module, module: nn.Module, image_shape, device, dtype=torch.float32) -> int:
     """Return the size of dim 1 of ``module``'s output for one zero image of ``image_shape``."""
+    return int(_output_shape(model, module, image_shape, device, dtype)[0])
+
+
+def _output_shape(model, module, image_shape, device, dtype) -> list[int]:
+    """Shape of ``module``'s output for one image, without the batch dimension."""
     with frozen_eval(model), torch.no_grad():
         output = layer_output(model, module, torch.zeros((1, *image_shape), device=device, dtype=dtype))
     if output.dim() < 2:
         raise VizpipeError(f"layer output has shape {list(output.shape)}; it needs a channel dimension")
-    return output.shape[1]
+    return list(output.shape[1:])
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise VizpipeError(message)
 
 
 def activation_maximization(
@@ -127,48 +106,104 @@ def activation_maximization(
     channels: Sequence[int] | None = None,
     iterations: int = 200,
     lr: float = 0.05,
+    objective: str = "channel",
+    position: Sequence[int] | None = None,
+    negative: bool = False,
+    images_per_channel: int = 1,
+    diversity_weight: float = 0.0,
+    parameterization: str = "pixel",
+    color_correlation: torch.Tensor | None = None,
     tv_weight: float = 0.0,
+    l2_weight: float = 0.0,
     weight_decay: float = 0.0,
+    blur_every: int = 0,
+    blur_sigma: float = 1.0,
+    jitter: int = 0,
+    scale: Sequence[float] = (1.0, 1.0),
+    rotation: float = 0.0,
+    norm_crop: float = 0.0,
+    contribution_crop: float = 0.0,
+    norm_constraint: float | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    init_std: float = 0.1,
+    init_std: float | None = None,
     clamp: bool = True,
     frame_every: int = 10,
     batch_size: int = 64,
     seed: int = 0,
+    compile: bool = False,
+    channels_last: bool | None = None,
     progress: bool = True,
 ) -> ActivationMaximizationResult:
-    """Find one image per channel of ``layer`` that maximizes the channel's mean activation.
+    """Find images that maximize (or minimize) the activation of each channel of ``layer``.
 
     Args:
-        model: any module; it is run in eval mode with ``requires_grad`` switched
-            off on its parameters (both restored afterwards), so no ``.grad`` appears.
+        model: any module; it runs in eval mode with ``requires_grad`` switched off
+            on its parameters (both restored afterwards), so no ``.grad`` appears.
         layer: dotted module name as in ``model.named_modules()``.
-        image_shape: [C, H, W] of the optimized images.
-        channels: channel indices (default: every channel of the layer's output).
-        iterations: Adam steps on the images; ``lr`` is Adam's step size and
-            ``weight_decay`` its L2 term.
-        tv_weight: weight of the total-variation penalty (smoother images).
-        mean, std: the dataset's per-channel normalization; images are optimized in
-            pixel space [0, 1] and normalized before the forward pass.
-        init_std: standard deviation of the Gaussian start around mid-grey (0.5).
-        clamp: keep pixels in [0, 1] after every step (in place, so every step counts).
-        frame_every: keep a frame every this many steps (plus the first and last).
-        batch_size: channels optimized together per chunk.
-        seed: fixes the start images; channel ``c`` starts from the same image
-            whichever other channels are selected.
+        image_shape: [C, H, W] of the images, any channel count.
+        channels: channel (or unit) indices; default every channel of the layer.
+        iterations: Adam steps; ``lr`` is Adam's step size, ``weight_decay`` its L2 term
+            on the optimized tensor.
+        objective: ``"channel"`` (mean over positions; a linear layer's unit) or
+            ``"neuron"`` (one position, ``position`` = (row, column) of the layer's
+            output, default its center). ``negative`` minimizes instead.
+        images_per_channel: K images per channel, with ``diversity_weight`` times the
+            mean Gram-matrix cosine similarity between them subtracted from the score.
+        parameterization: ``"pixel"`` (Gaussian start around mid-gray with ``init_std``,
+            default 0.1) or ``"fourier"`` (a 1/f-scaled spectrum, start ``init_std``
+            default 0.01, mixed by ``color_correlation`` [C, C] and squashed by a sigmoid).
+        tv_weight: weight of the total variation of the pixel image.
+        l2_weight: weight of the mean squared normalized input.
+        blur_every, blur_sigma: pixel parameterization only; blur the pixels in place
+            with a Gaussian of ``blur_sigma`` pixels every ``blur_every`` steps (0: off).
+        jitter, scale, rotation: random transforms before each forward pass: a shift of
+            up to ``jitter`` pixels, a scale factor in [scale[0], scale[1]], a rotation of
+            up to ``rotation`` degrees either way.
+        norm_crop, contribution_crop: pixel parameterization only. After every step,
+            the pixels below this percentile (0-100) of norm, or of contribution
+            ``|input * gradient|``, are set to the dataset mean in place (0: off).
+        norm_constraint: pixel parameterization only; after every step scale each
+            normalized input to this L2 norm (None: off). Use with ``clamp=False``.
+        mean, std: the dataset's per-channel normalization; the model sees
+            ``(pixels - mean) / std``. Default 0 and 1.
+        clamp: pixel parameterization only; keep pixels in [0, 1] after each step.
+        frame_every: keep a frame every this many steps (and the first and last).
+        batch_size: images optimized together per chunk (at least one channel's K images).
+        seed: fixes start images and random transforms; an image starts and moves the
+            same whichever other channels are selected.
+        compile: run the model cut at the layer through ``torch.compile``. It adds a
+            one-off compilation of tens of seconds on a 2-core CPU. NOTE: its per-step
+            gain is not yet recorded by ``scripts/bench_am.py``, so it is off by default.
+        channels_last: channels-last memory format for 4D inputs and weights; default
+            on for CPU, where oneDNN convolutions run faster with it.
+        progress: show a tqdm progress bar.
 
     Example::
 
         result = activation_maximization(model, "conv1", image_shape=[1, 16, 16], iterations=100)
         result.display_images.shape  # [channels, 1, 16, 16]
     """
-    if iterations < 1:
-        raise VizpipeError(f"invalid iterations {iterations}: it must be at least 1")
-    if frame_every < 1:
-        raise VizpipeError(f"invalid frame_every {frame_every}: it must be at least 1")
-    if batch_size < 1:
-        raise VizpipeError(f"invalid batch_size {batch_size}: it must be at least 1")
+    # 1. Check the options and find the layer.
+    _check(iterations >= 1, f"invalid iterations {iterations}: it must be at least 1")
+    _check(frame_every >= 1, f"invalid frame_every {frame_every}: it must be at least 1")
+    _check(batch_size >= 1, f"invalid batch_size {batch_size}: it must be at least 1")
+    _check(images_per_channel >= 1, f"invalid images_per_channel {images_per_channel}: it must be at least 1")
+    _check(parameterization in PARAMETERIZATIONS,
+           f"invalid parameterization {parameterization!r}; use one of {', '.join(PARAMETERIZATIONS)}")
+    for name, value in (("norm_crop", norm_crop), ("contribution_crop", contribution_crop)):
+        _check(0 <= value < 100, f"invalid {name} {value}: give a percentile in [0, 100), 0 for off")
+    _check(blur_every >= 0, f"invalid blur_every {blur_every}: it must be 0 (off) or positive")
+    _check(blur_every == 0 or blur_sigma > 0, f"invalid blur_sigma {blur_sigma}: it must be positive")
+    _check(jitter >= 0, f"invalid jitter {jitter}: it must be 0 (off) or a positive number of pixels")
+    _check(len(scale) == 2 and 0 < scale[0] <= scale[1], f"invalid scale {list(scale)}: give [min, max] with 0 < min <= max")
+    _check(norm_constraint is None or norm_constraint > 0, f"invalid norm_constraint {norm_constraint}: it must be positive")
+    if parameterization == "fourier":
+        pixel_only = {"blur_every": blur_every, "norm_crop": norm_crop, "contribution_crop": contribution_crop,
+                      "norm_constraint": norm_constraint}
+        used = [name for name, value in pixel_only.items() if value]
+        _check(not used, f"{', '.join(used)} act on pixels in place and need parameterization='pixel'")
+    objective_fn = Objective(objective, None if position is None else tuple(position), negative)
     image_shape = [int(v) for v in image_shape]
     module = find_layer(model, layer, purpose="activation maximization")
     parameter = next(model.parameters(), None)
@@ -177,100 +212,196 @@ def activation_maximization(
     num_channels = image_shape[0]
     mean_t = torch.tensor(mean if mean is not None else [0.0] * num_channels, device=device, dtype=dtype)
     std_t = torch.tensor(std if std is not None else [1.0] * num_channels, device=device, dtype=dtype)
-    if mean_t.numel() != num_channels or std_t.numel() != num_channels:
-        raise VizpipeError(f"mean and std need {num_channels} values, one per image channel")
+    _check(mean_t.numel() == num_channels and std_t.numel() == num_channels,
+           f"mean and std need {num_channels} values, one per image channel")
     mean_t, std_t = mean_t.view(1, -1, 1, 1), std_t.view(1, -1, 1, 1)
+    if channels_last is None:
+        channels_last = device.type == "cpu"
+    if init_std is None:
+        init_std = 0.1 if parameterization == "pixel" else 0.01
 
-    with frozen_eval(model):
-        available = count_channels(model, module, image_shape, device, dtype)
-        channels = list(range(available)) if channels is None else [int(c) for c in channels]
-        bad = [c for c in channels if not 0 <= c < available]
-        if bad:
-            raise VizpipeError(
-                f"channel(s) {bad} out of range for layer {layer!r}, which has {available} channels (0..{available - 1})"
-            )
-        if not channels:
-            raise VizpipeError(f"no channel selected for layer {layer!r}")
+    # 2. Check the channels against the layer's output.
+    output_shape = _output_shape(model, module, image_shape, device, dtype)
+    available = output_shape[0]
+    channels = list(range(available)) if channels is None else [int(c) for c in channels]
+    bad = [c for c in channels if not 0 <= c < available]
+    _check(not bad, f"channel(s) {bad} out of range for layer {layer!r}, which has {available} channels (0..{available - 1})")
+    _check(bool(channels), f"no channel selected for layer {layer!r}")
+    if objective == "neuron":
+        objective_fn.resolve_position(output_shape[1:])
 
-        frame_iterations = sorted({0, *range(frame_every, iterations, frame_every), iterations})
-        chunks = []
-        bar = tqdm(total=iterations * len(channels), desc=f"activation max {layer}", disable=None if progress else True, unit="step")
+    # 3. Optimize the channels chunk by chunk.
+    loop = _Loop(
+        objective=objective_fn, image_shape=image_shape, iterations=iterations, lr=lr,
+        images_per_channel=images_per_channel, diversity_weight=diversity_weight,
+        parameterization=parameterization, color_correlation=color_correlation, tv_weight=tv_weight,
+        l2_weight=l2_weight, weight_decay=weight_decay, blur_every=blur_every, blur_sigma=blur_sigma,
+        jitter=jitter, scale=(float(scale[0]), float(scale[1])), rotation=rotation, norm_crop=norm_crop,
+        contribution_crop=contribution_crop, norm_constraint=norm_constraint, mean=mean_t, std=std_t,
+        init_std=init_std, clamp=clamp, seed=seed, channels_last=channels_last, device=device, dtype=dtype,
+        frame_iterations=sorted({0, *range(frame_every, iterations, frame_every), iterations}),
+        images_total=available * images_per_channel,
+    )
+    channels_per_chunk = max(1, batch_size // images_per_channel)
+    chunks = []
+    bar = tqdm(total=iterations * len(channels) * images_per_channel, desc=f"activation max {layer}",
+               disable=None if progress else True, unit="image-step")
+    with frozen_eval(model), (channels_last_weights(model) if channels_last else nullcontext()):
+        forward = layer_forward(model, layer, module, compile=compile)
         try:
-            for start in range(0, len(channels), batch_size):
-                chunk = channels[start : start + batch_size]
-                chunks.append(
-                    _optimize_chunk(
-                        model, module, chunk, image_shape, iterations, lr, tv_weight, weight_decay,
-                        mean_t, std_t, init_std, clamp, frame_iterations, seed, device, dtype, bar,
-                    )
-                )
+            for start in range(0, len(channels), channels_per_chunk):
+                chunks.append(loop.run(forward, channels[start : start + channels_per_chunk], bar))
         finally:
             bar.close()
 
     pixels = torch.cat([c["pixels"] for c in chunks])
+    history = torch.cat([c["history"] for c in chunks], dim=1)
     return ActivationMaximizationResult(
         layer=layer,
-        channels=channels,
-        images=((pixels - mean_t.cpu()) / std_t.cpu()),
-        display_images=pixels,
-        start_activations=torch.cat([c["history"][0] for c in chunks]),
-        final_activations=torch.cat([c["history"][-1] for c in chunks]),
-        history=torch.cat([c["history"] for c in chunks], dim=1),
+        channels=[c for c in channels for _ in range(images_per_channel)],
+        images=(pixels - mean_t.cpu()) / std_t.cpu(),
+        display_images=pixels.clamp(0.0, 1.0),
+        start_activations=history[0],
+        final_activations=history[-1],
+        history=history,
         frames=torch.cat([c["frames"] for c in chunks], dim=1),
-        frame_iterations=frame_iterations,
+        frame_iterations=loop.frame_iterations,
         settings=dict(
-            iterations=iterations, lr=lr, tv_weight=tv_weight, weight_decay=weight_decay,
-            init_std=init_std, clamp=clamp, frame_every=frame_every, seed=seed,
+            iterations=iterations, lr=lr, objective=objective,
+            position=list(objective_fn.resolve_position(output_shape[1:])) if objective == "neuron" else None,
+            negative=negative, images_per_channel=images_per_channel, diversity_weight=diversity_weight,
+            parameterization=parameterization, tv_weight=tv_weight, l2_weight=l2_weight,
+            weight_decay=weight_decay, blur_every=blur_every, blur_sigma=blur_sigma, jitter=jitter,
+            scale=[float(scale[0]), float(scale[1])], rotation=rotation, norm_crop=norm_crop,
+            contribution_crop=contribution_crop, norm_constraint=norm_constraint, init_std=init_std,
+            clamp=clamp, frame_every=frame_every, seed=seed, mean=mean_t.flatten().tolist(),
+            std=std_t.flatten().tolist(),
         ),
     )
 
 
-def _start_images(channels, image_shape, init_std, seed) -> torch.Tensor:
-    images = []
-    for channel in channels:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + channel)
-        images.append(0.5 + init_std * torch.randn(image_shape, generator=generator))
-    return torch.stack(images)
+@dataclass
+class _Loop:
+    """The optimization of one chunk of channels; the settings are fixed for a layer."""
 
+    objective: Objective
+    image_shape: list[int]
+    iterations: int
+    lr: float
+    images_per_channel: int
+    diversity_weight: float
+    parameterization: str
+    color_correlation: torch.Tensor | None
+    tv_weight: float
+    l2_weight: float
+    weight_decay: float
+    blur_every: int
+    blur_sigma: float
+    jitter: int
+    scale: tuple[float, float]
+    rotation: float
+    norm_crop: float
+    contribution_crop: float
+    norm_constraint: float | None
+    mean: torch.Tensor
+    std: torch.Tensor
+    init_std: float
+    clamp: bool
+    seed: int
+    channels_last: bool
+    device: torch.device
+    dtype: torch.dtype
+    frame_iterations: list[int]
+    images_total: int
 
-def _optimize_chunk(
-    model, module, chunk, image_shape, iterations, lr, tv_weight, weight_decay,
-    mean_t, std_t, init_std, clamp, frame_iterations, seed, device, dtype, bar,
-) -> dict[str, torch.Tensor]:
-    pixels = _start_images(chunk, image_shape, init_std, seed).to(device=device, dtype=dtype)
-    if clamp:
-        pixels.clamp_(0.0, 1.0)
-    pixels.requires_grad_(True)
-    targets = torch.tensor(chunk, device=device)
-    optimizer = torch.optim.Adam([pixels], lr=lr, weight_decay=weight_decay)
-    history = []
-    frames = []
+    @property
+    def transforms_on(self) -> bool:
+        return bool(self.jitter) or self.scale != (1.0, 1.0) or bool(self.rotation)
 
-    def snapshot(step: int) -> None:
-        if step in frame_iterations:
-            frames.append((pixels.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+    def image_ids(self, chunk: list[int]) -> list[int]:
+        """Global index of each image: channel * K + copy, the same in every chunking."""
+        return [c * self.images_per_channel + k for c in chunk for k in range(self.images_per_channel)]
 
-    snapshot(0)
-    for step in range(1, iterations + 1):
-        optimizer.zero_grad(set_to_none=True)
-        activation = channel_activation(layer_output(model, module, (pixels - mean_t) / std_t), targets)
-        history.append(activation.detach().cpu())
-        loss = -activation.sum()
-        if tv_weight:
-            loss = loss + tv_weight * total_variation(pixels).sum()
-        loss.backward()
-        optimizer.step()
-        if clamp:
-            with torch.no_grad():
-                pixels.clamp_(0.0, 1.0)
-        snapshot(step)
-        bar.update(len(chunk))
+    def make_image(self, image_ids: list[int]):
+        image_seeds = [self.seed * 1_000_003 + i for i in image_ids]
+        if self.parameterization == "pixel":
+            return PixelImage(self.image_shape, image_seeds, self.init_std, self.clamp, self.device, self.dtype)
+        return FourierImage(self.image_shape, image_seeds, self.init_std, self.color_correlation,
+                            self.device, self.dtype)
 
-    with torch.no_grad():
-        final = channel_activation(layer_output(model, module, (pixels - mean_t) / std_t), targets)
-    history.append(final.cpu())
-    return {
-        "pixels": pixels.detach().cpu(),
-        "history": torch.stack(history).double(),
-        "frames": torch.stack(frames),
-    }
+    def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        inputs = (pixels - self.mean) / self.std
+        if self.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs
+
+    def run(self, forward, chunk: list[int], bar) -> dict[str, torch.Tensor]:
+        image_ids = self.image_ids(chunk)
+        image = self.make_image(image_ids)
+        targets = torch.tensor([c for c in chunk for _ in range(self.images_per_channel)], device=self.device)
+        optimizer = torch.optim.Adam(image.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        pixel_tensor = image.parameters()[0] if self.parameterization == "pixel" else None
+        if self.norm_constraint is not None:
+            T.project_l2_(pixel_tensor, self.mean, self.std, self.norm_constraint)
+        history, frames = [], []
+
+        for step in range(self.iterations + 1):
+            if step in self.frame_iterations:
+                with torch.no_grad():
+                    frames.append((image.pixels().detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+            if step == self.iterations:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss, activation = self.loss(forward, image.pixels(), targets, step)
+            history.append(activation.detach())
+            loss.backward()
+            gradient = pixel_tensor.grad.clone() if self.contribution_crop else None
+            if self.norm_constraint is not None:
+                T.tangent_gradient_(pixel_tensor, self.mean, self.std)
+            optimizer.step()
+            self.regularize_in_place(image, pixel_tensor, gradient, step + 1)
+            bar.update(len(image_ids))
+
+        with torch.no_grad():
+            output = forward(self.model_input(image.pixels()))
+            history.append(self.objective.activation(output, targets))
+            pixels = image.pixels().detach().cpu()
+        return {
+            "pixels": pixels,
+            "history": torch.stack(history).double().cpu(),
+            "frames": torch.stack(frames),
+        }
+
+    def loss(self, forward, pixels: torch.Tensor, targets: torch.Tensor, step: int):
+        """Return the loss to minimize and the objective's activation per image [B]."""
+        seen = pixels
+        if self.transforms_on:
+            generator = torch.Generator().manual_seed(self.seed * 7_919 + step)
+            table = T.affine_parameters(generator, self.images_total, self.jitter, self.scale, self.rotation)
+            ids = torch.tensor(self.image_ids(targets[:: self.images_per_channel].tolist()))
+            seen = T.random_affine(pixels, table[ids])
+        inputs = self.model_input(seen)
+        output = forward(inputs)
+        activation = self.objective.activation(output, targets)
+        loss = -self.objective.score(activation).sum()
+        if self.tv_weight:
+            loss = loss + self.tv_weight * T.total_variation(pixels).sum()
+        if self.l2_weight:
+            loss = loss + self.l2_weight * T.l2_penalty(inputs).sum()
+        if self.diversity_weight and self.images_per_channel > 1:
+            loss = loss + self.diversity_weight * diversity(output, self.images_per_channel).sum()
+        return loss, activation
+
+    def regularize_in_place(self, image, pixels: torch.Tensor | None, gradient, step: int) -> None:
+        """Apply clamping and the in-place regularizers after optimizer step ``step``."""
+        image.after_step()
+        if pixels is None:
+            return
+        if self.blur_every and step % self.blur_every == 0:
+            T.gaussian_blur_(pixels, self.blur_sigma)
+        if self.norm_crop:
+            T.norm_crop_(pixels, self.mean, self.std, self.norm_crop)
+        if self.contribution_crop:
+            T.contribution_crop_(pixels, gradient, self.mean, self.std, self.contribution_crop)
+        if self.norm_constraint is not None:
+            T.project_l2_(pixels, self.mean, self.std, self.norm_constraint)

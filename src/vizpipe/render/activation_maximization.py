@@ -1,4 +1,5 @@
-"""Activation-maximization image grids, frame GIFs and activation curves."""
+"""Activation-maximization figures: a grid of final images and a GIF of all channels per
+layer, one GIF and one final PNG per channel, and activation curves."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from vizpipe.render.common import safe_name, save
 from vizpipe.store import Results
 
 log = logging.getLogger(__name__)
+
+_MIN_PIXELS = 128  # per-channel files are scaled up by whole factors to at least this size
 
 
 def _tile(images: np.ndarray, columns: int, padding: int = 1, fill: float = 1.0) -> np.ndarray:
@@ -32,41 +35,51 @@ def _as_rgb(grid: np.ndarray) -> np.ndarray:
         return grid
     if grid.shape[2] == 1:
         return np.repeat(grid, 3, axis=2)
-    return grid[:, :, :3]  # NOTE: images with 2 or 4+ channels are shown by their first 3 channels
+    # NOTE: images with 2 or 4+ channels are shown by their first 3 channels (2 channels: the first, as gray).
+    return grid[:, :, :3] if grid.shape[2] > 3 else np.repeat(grid[:, :, :1], 3, axis=2)
+
+
+def _zoom(height: int, target: int) -> int:
+    return max(1, -(-target // max(height, 1)))
 
 
 def render_activation_maximization(results: Results, out: Path, formats) -> list[Path]:
     written = []
     for layer, group in results["activation_maximization"].items():
-        images = np.asarray(group["display_images"], dtype=np.float32)
-        channels = np.asarray(group["channels"])
-        activations = np.asarray(group["activations"])
-        columns = int(np.ceil(np.sqrt(len(images))))
-        rows = -(-len(images) // columns)
-        figure, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.35 * rows), squeeze=False)
-        for index, axis in enumerate(axes.flat):
-            axis.set_axis_off()
-            if index >= len(images):
-                continue
-            image = images[index].transpose(1, 2, 0)
-            if image.shape[2] == 1:
-                axis.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            else:
-                axis.imshow(_as_rgb(image).clip(0, 1), interpolation="nearest")
-            axis.set_title(f"ch {channels[index]}\n{activations[index]:.3g}", fontsize=6)
-        figure.suptitle(f"Activation maximization: {layer} (title: channel, final mean activation)", fontsize=9)
-        figure.tight_layout()
-        written += save(figure, out, f"activation_maximization_{layer}", formats)
-
-        frames = np.asarray(group["frames"])  # [frames, channels, C, H, W] uint8
-        written.append(_write_gif(frames, columns, out / f"{safe_name('activation_maximization_' + layer)}.gif"))
+        written += _final_grid(group, layer, out, formats)
+        frames = np.asarray(group["frames"])  # [frames, images, C, H, W] uint8
+        columns = int(np.ceil(np.sqrt(frames.shape[1])))
+        written.append(_write_gif(frames, columns, out / f"{safe_name('activation_maximization_' + layer)}.gif", 64))
+        written += _per_channel_files(group, layer, out)
         written += _activation_curves(group, layer, out, formats)
     return written
 
 
-def _write_gif(frames: np.ndarray, columns: int, path: Path) -> Path:
-    height = frames.shape[3]
-    zoom = max(1, 64 // max(height, 1))
+def _final_grid(group: dict, layer: str, out: Path, formats) -> list[Path]:
+    images = np.asarray(group["display_images"], dtype=np.float32)
+    channels = np.asarray(group["channels"])
+    activations = np.asarray(group["activations"])
+    columns = int(np.ceil(np.sqrt(len(images))))
+    rows = -(-len(images) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.35 * rows), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.set_axis_off()
+        if index >= len(images):
+            continue
+        image = images[index].transpose(1, 2, 0)
+        if image.shape[2] == 1:
+            axis.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            axis.imshow(_as_rgb(image).clip(0, 1), interpolation="nearest")
+        axis.set_title(f"ch {channels[index]}\n{activations[index]:.3g}", fontsize=6)
+    figure.suptitle(f"Activation maximization: {layer} (title: channel, final activation)", fontsize=9)
+    figure.tight_layout()
+    return save(figure, out, f"activation_maximization_{layer}", formats)
+
+
+def _write_gif(frames: np.ndarray, columns: int, path: Path, target_pixels: int) -> Path:
+    """Write [F, N, C, H, W] uint8 frames as a looping GIF, the N images tiled in ``columns``."""
+    zoom = _zoom(frames.shape[3], target_pixels)
     pictures = []
     for frame in frames:
         grid = _as_rgb(_tile(frame, columns, padding=1, fill=255))
@@ -76,15 +89,32 @@ def _write_gif(frames: np.ndarray, columns: int, path: Path) -> Path:
     return path
 
 
+def _per_channel_files(group: dict, layer: str, folder: Path) -> list[Path]:
+    """Write ``<layer>_<channel>.gif`` and ``<layer>_<channel>_final.png``; a channel's images sit side by side."""
+    frames = np.asarray(group["frames"])
+    display = np.asarray(group["display_images"], dtype=np.float32)
+    channels = np.asarray(group["channels"])
+    written = []
+    for channel in dict.fromkeys(channels.tolist()):
+        members = np.flatnonzero(channels == channel)
+        stem = safe_name(f"{layer}_{channel}")
+        written.append(_write_gif(frames[:, members], len(members), folder / f"{stem}.gif", _MIN_PIXELS))
+        final = (display[members] * 255.0).round().clip(0, 255).astype(np.uint8)
+        grid = _as_rgb(_tile(final, len(members), padding=1, fill=255))
+        zoom = _zoom(final.shape[2], _MIN_PIXELS)
+        path = folder / f"{stem}_final.png"
+        Image.fromarray(grid.repeat(zoom, axis=0).repeat(zoom, axis=1), mode="RGB").save(path)
+        written.append(path)
+    return written
+
+
 def _activation_curves(group: dict, layer: str, out: Path, formats) -> list[Path]:
-    history = np.asarray(group["history"])  # [iterations + 1, channels]
+    history = np.asarray(group["history"])  # [iterations + 1, images]
     figure, axis = plt.subplots(figsize=(5, 3.2), constrained_layout=True)
     axis.plot(history, linewidth=0.6, alpha=0.5)
-    axis.plot(history.mean(axis=1), color="k", linewidth=1.5, label="mean over channels")
+    axis.plot(history.mean(axis=1), color="k", linewidth=1.5, label="mean over images")
     axis.set_xlabel("step")
-    axis.set_ylabel("mean channel activation")
+    axis.set_ylabel("activation (objective)")
     axis.set_title(f"Activation maximization: {layer}")
     axis.legend()
     return save(figure, out, f"activation_curves_{layer}", formats)
-
-

@@ -1,0 +1,128 @@
+"""Running a model up to one layer, with its parameters frozen and restored."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+from torch import fx, nn
+
+from vizpipe.errors import VizpipeError
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextmanager
+def capture_output(module: nn.Module, stop: bool = True):
+    """Record the output of ``module``; with ``stop``, abort the forward pass right after it."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _inputs, output):
+        captured["output"] = output
+        if stop:
+            raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def frozen_eval(model: nn.Module):
+    """Put ``model`` in eval mode with ``requires_grad=False`` on every parameter; restore both."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        model.eval()
+        yield model
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        model.train(was_training)
+
+
+@contextmanager
+def channels_last_weights(model: nn.Module):
+    """Store 4D parameters in channels-last order for the duration; restore the original tensors.
+
+    oneDNN convolutions on CPU run faster on channels-last weights and inputs.
+    Only ``Parameter.data`` is swapped, so the parameter objects and their values
+    stay the same, and the original storage is put back afterwards.
+    """
+    swapped = []
+    try:
+        for parameter in model.parameters():
+            if parameter.dim() == 4:
+                swapped.append((parameter, parameter.data))
+                parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
+        yield model
+    finally:
+        for parameter, original in swapped:
+            parameter.data = original
+
+
+def layer_output(model: nn.Module, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Run ``model`` on ``inputs`` up to ``module`` and return that module's output."""
+    with capture_output(module) as captured:
+        try:
+            model(inputs)
+        except _StopForward:
+            pass
+    if "output" not in captured:
+        raise VizpipeError(f"layer {type(module).__name__} was not reached in the model's forward pass")
+    output = captured["output"]
+    if not isinstance(output, torch.Tensor):
+        raise VizpipeError(f"layer output is a {type(output).__name__}, not a tensor; pick another layer")
+    return output
+
+
+def truncate(model: nn.Module, layer: str) -> fx.GraphModule | None:
+    """Return a copy of ``model``'s forward graph that ends at ``layer``'s first call.
+
+    The graph module shares the model's submodules and parameters. Returns
+    None when ``torch.fx`` cannot trace the model (data-dependent control flow,
+    say) or when the layer is not called as a module in the traced graph.
+    """
+    try:
+        graph_module = fx.symbolic_trace(model)
+    except Exception as error:  # noqa: BLE001 - any tracing failure means: use the hook instead
+        log.debug("torch.fx cannot trace %s (%s); using a forward hook", type(model).__name__, error)
+        return None
+    graph = graph_module.graph
+    target = next((node for node in graph.nodes if node.op == "call_module" and node.target == layer), None)
+    if target is None:
+        return None
+    for node in list(graph.nodes):
+        if node.op == "output":
+            graph.erase_node(node)
+    graph.output(target)
+    graph.eliminate_dead_code()
+    graph_module.recompile()
+    return graph_module
+
+
+def layer_forward(model: nn.Module, layer: str, module: nn.Module, compile: bool = False) -> Callable:
+    """Return a function from model inputs to ``layer``'s output that runs no further than the layer.
+
+    It is the model's traced graph cut at the layer when ``torch.fx`` can trace
+    the model, else the model with a hook that stops the forward pass at the
+    layer. ``compile`` wraps the truncated graph in ``torch.compile``.
+    """
+    truncated = truncate(model, layer)
+    if truncated is None:
+        if compile:
+            log.warning("torch.fx cannot cut %s at %s, so it is not compiled", type(model).__name__, layer)
+        return lambda inputs: layer_output(model, module, inputs)
+    if compile:
+        return torch.compile(truncated, dynamic=False)
+    return truncated
