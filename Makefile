@@ -27,8 +27,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
+# Quick versions of the three benchmarks; see docs/benchmarks.md for the full runs.
 bench: $(STAMP)
+	$(BIN)/python scripts/bench_landscape.py --quick
 	$(BIN)/python scripts/bench_hessian.py
+	$(BIN)/python scripts/bench_am.py
 
 clean:
 	rm -rf $(VENV) outputs multirun
