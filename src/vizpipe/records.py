@@ -153,8 +153,8 @@ def activation_maximization_record(result: ActivationMaximizationResult) -> Reco
 def landscape_metrics(result: LandscapeResult, radius: float | None = None) -> dict[str, float]:
     """Summary numbers of a landscape; NaN and inf points are left out and counted.
 
-    ``min_loss`` comes with its coordinates; ``loss_increase_mean`` and
-    ``loss_increase_max`` are over the points within ``radius`` of the center
+    ``min_loss`` comes with its coordinates. ``loss_increase_mean`` and
+    ``loss_increase_max`` cover the points within ``radius`` of the center
     (default: a quarter of the largest ``|x|``), relative to the model's own loss.
     """
     finite = torch.isfinite(result.loss) & result.done
