@@ -57,8 +57,6 @@ def test_killed_landscape_resumes_to_identical_values(tmp_path):
     with h5py.File(tmp_path / "reference" / "results.h5") as first, h5py.File(run_dir / "results.h5") as second:
         np.testing.assert_array_equal(first["landscape/loss"][()], second["landscape/loss"][()])
         np.testing.assert_array_equal(first["landscape/accuracy"][()], second["landscape/accuracy"][()])
-        # Hessian products are summed over the ranks' batches, so only the summation order differs.
-        np.testing.assert_allclose(first["hessian/eigenvalues"][()], second["hessian/eigenvalues"][()], rtol=1e-5)
         assert second["landscape/done"][()].all()
         assert second["landscape"].attrs["complete"]
 
@@ -127,12 +125,11 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     with h5py.File(tmp_path / "single" / "results.h5") as first, h5py.File(tmp_path / "ranks" / "results.h5") as second:
         np.testing.assert_array_equal(first["landscape/loss"][()], second["landscape/loss"][()])
         np.testing.assert_array_equal(first["landscape/accuracy"][()], second["landscape/accuracy"][()])
+        # Hessian products are summed over the ranks' batches, so only the summation order differs.
+        np.testing.assert_allclose(first["hessian/eigenvalues"][()], second["hessian/eigenvalues"][()], rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "compile_option, stop_signal",
-    [("false", signal.SIGINT), ("false", signal.SIGTERM), pytest.param("true", signal.SIGINT, marks=pytest.mark.slow)],
-)
+@pytest.mark.parametrize("compile_option, stop_signal", [("false", signal.SIGINT), ("false", signal.SIGTERM)])
 def test_interrupt_stops_cleanly_and_keeps_partial_points(tmp_path, compile_option, stop_signal):
     run_dir = tmp_path / "interrupted"
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")

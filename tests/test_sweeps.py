@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing
+import re
 from pathlib import Path
 
 import h5py
@@ -112,10 +113,15 @@ def test_child_metric_names_line_up(am_sweep):
     assert layers == ["['conv1']", "['conv2']"]
     for run in finished:
         layer = run.data.params["analysis.activation_maximization.layers"][2:-2]
-        assert set(run.data.metrics) == {
+        names = set(run.data.metrics)
+        means = {
             f"activation_maximization/{layer}/mean_final_activation",
             f"activation_maximization/{layer}/mean_start_activation",
         }
+        assert means <= names
+        per_channel = names - means
+        assert per_channel, "each channel's final activation is logged"
+        assert all(re.fullmatch(rf"activation_maximization/{layer}/final_activation/\d+", name) for name in per_channel)
 
 
 def _start_child(uri: str, sweep_dir: str, job_number: int, queue) -> None:

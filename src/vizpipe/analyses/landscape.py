@@ -158,6 +158,8 @@ def loss_landscape(
             ``seed`` with ``normalization``, ``ignore`` and ``include_buffers``.
         compile: ``True`` compiles the forward pass with ``torch.compile``;
             ``None`` decides by the amount of work; ``False`` (default) stays eager.
+            NOTE: with a compiled forward pass, Ctrl-C was once seen to be ignored
+            until the grid finished (torch 2.13, CPU); the cause is not known.
         resume: (loss, accuracy, done) of an interrupted run; points marked done
             are kept, not recomputed.
         on_point: called as ``on_point(index, loss, accuracy)`` after each point
