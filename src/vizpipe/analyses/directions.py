@@ -26,7 +26,7 @@ class Directions:
     """One or two directions over the entries ``names`` of a model's state.
 
     ``vectors[k][i]`` is direction ``k``'s tensor for entry ``names[i]``.
-    ``extras`` holds kind-specific arrays, e.g. ``explained_variance_ratio`` and
+    ``extras`` contains kind-specific arrays, e.g. ``explained_variance_ratio`` and
     ``trajectory`` (the checkpoints' coordinates) for PCA directions.
     """
 
@@ -90,8 +90,8 @@ def random_directions(
     """Draw ``dims`` Gaussian directions (Li et al. 2018).
 
     ``normalization="filter"`` rescales each output filter (slice along dim 0) of
-    an entry with 2 or more dims to the norm of the same filter in the model;
-    ``"layer"`` rescales whole tensors; ``"none"`` keeps the raw Gaussian. 1-D
+    an entry with 2 or more dims to the norm of the same filter in the model.
+    ``"layer"`` rescales whole tensors, and ``"none"`` keeps the raw Gaussian. 1-D
     entries (biases, BatchNorm parameters and statistics) get a zero direction
     with ``ignore="biasbn"``, and a copy of their own values otherwise, as in
     Li et al.'s code. Draws happen on the CPU from ``seed``, so a seed gives the
@@ -151,10 +151,10 @@ def pca_directions(
 ) -> Directions:
     """Principal directions of a training trajectory around the model's weights (Li et al. 2018, section 7).
 
-    Each checkpoint's difference ``theta_i - theta`` (parameters only; 1-D
-    entries zeroed with ``ignore="biasbn"``) is a row of a matrix; after centering
-    the rows, its top right-singular vectors are the directions, orthonormal in
-    the flattened parameter space. ``extras`` holds ``explained_variance_ratio``
+    Each checkpoint's difference ``theta_i - theta`` is a row of a matrix
+    (parameters only, with 1-D entries zeroed under ``ignore="biasbn"``). After
+    centering the rows, the matrix's top right-singular vectors are the
+    directions, orthonormal in the flattened parameter space. ``extras`` holds ``explained_variance_ratio``
     [dims] and ``trajectory`` [checkpoints, dims], the uncentered differences
     projected onto the directions, to draw the path over the contour.
     """
