@@ -2,7 +2,6 @@
 
 import h5py
 import mlflow
-import numpy as np
 import pytest
 from conftest import run_cli
 from PIL import Image

@@ -107,12 +107,12 @@ def _check_known_keys(node: Any, schema: type, where: str) -> None:
     """Reject keys that the schema lacks: Hydra lets a ``+key=value`` override add any key."""
     if not OmegaConf.is_dict(node):
         return
-    known = {item.name for item in dataclasses.fields(schema)}
+    field_types = {item.name: item.type for item in dataclasses.fields(schema)}
     for key in node.keys():
-        if key not in known:
+        if key not in field_types:
             name = f"{where}.{key}" if where else key
-            raise VizpipeError(f"unknown config key {name!r}. {suggest(str(key), sorted(known))} Check the spelling")
-        field_type = next(item.type for item in dataclasses.fields(schema) if item.name == key)
+            raise VizpipeError(f"unknown config key {name!r}. {suggest(str(key), sorted(field_types))} Check the spelling")
+        field_type = field_types[key]
         nested = _SCHEMA_TYPES.get(field_type if isinstance(field_type, str) else getattr(field_type, "__name__", ""))
         if nested is not None:
             _check_known_keys(node[key], nested, f"{where}.{key}" if where else key)
@@ -814,7 +814,7 @@ def _run_landscape(options, cfg, model, dataset, loss_fn, x_eval, y_eval, result
     writer = store.PointWriter(results_path, "landscape") if distributed.is_main() else contextlib.nullcontext()
     with writer as point_writer:
         result = loss_landscape(
-            model, batches(x, y, cfg.evaluation.batch_size), loss_fn, noise_range=noise_range,
+            model, eval_batches, loss_fn, noise_range=noise_range,
             resolution=options.resolution, dims=options.dims, y_range=y_range, directions=directions,
             compile=options.compile, progress=cfg.progress, resume=state,
             on_point=point_writer.write if point_writer is not None else None,

@@ -24,7 +24,6 @@ from vizpipe import __version__
 from vizpipe.errors import VizpipeError
 
 SCHEMA_VERSION = 1
-ANALYSIS_GROUPS = ("conv_kernels", "landscape", "hessian", "activation_maximization", "training")
 _COMPRESSED_MIN_SIZE = 4096  # elements; smaller datasets are stored contiguous
 
 

@@ -62,6 +62,14 @@ def state_entries(model: nn.Module, include_buffers: bool = False) -> list[tuple
     return entries
 
 
+def check_random_options(normalization: str, ignore: str) -> None:
+    """Raise ``VizpipeError`` for a normalization or ignore option that random directions do not know."""
+    if normalization not in NORMALIZATIONS:
+        raise VizpipeError(f"invalid direction normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
+    if ignore not in IGNORE_OPTIONS:
+        raise VizpipeError(f"invalid ignore option {ignore!r}; use one of {', '.join(IGNORE_OPTIONS)}")
+
+
 def _random_vector(entries, generator, normalization, ignore) -> list[torch.Tensor]:
     vector = []
     for _, tensor in entries:
@@ -97,10 +105,7 @@ def random_directions(
     Li et al.'s code. Draws happen on the CPU from ``seed``, so a seed gives the
     same directions on any device.
     """
-    if normalization not in NORMALIZATIONS:
-        raise VizpipeError(f"invalid direction normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
-    if ignore not in IGNORE_OPTIONS:
-        raise VizpipeError(f"invalid ignore option {ignore!r}; use one of {', '.join(IGNORE_OPTIONS)}")
+    check_random_options(normalization, ignore)
     if dims not in (1, 2):
         raise VizpipeError(f"invalid landscape dims {dims}: use 1 or 2")
     entries = state_entries(model, include_buffers)

@@ -16,11 +16,10 @@ from tqdm.auto import tqdm
 
 from vizpipe import distributed
 from vizpipe.analyses.directions import (
-    IGNORE_OPTIONS,
-    NORMALIZATIONS,
     Directions,
     _random_vector,
     check_fits,
+    check_random_options,
     random_directions,
     state_entries,
 )
@@ -73,10 +72,7 @@ def random_direction(
 
     See ``vizpipe.analyses.directions.random_directions`` for the scalings.
     """
-    if normalization not in NORMALIZATIONS:
-        raise VizpipeError(f"invalid direction normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
-    if ignore not in IGNORE_OPTIONS:
-        raise VizpipeError(f"invalid ignore option {ignore!r}; use one of {', '.join(IGNORE_OPTIONS)}")
+    check_random_options(normalization, ignore)
     return _random_vector(state_entries(model), generator, normalization, ignore)
 
 
