@@ -36,7 +36,7 @@ from vizpipe.models import resnet8
 
 
 def reference_landscape(model, x, y, directions, xs, ys, batch_size):
-    """The straightforward loop that vizpipe replaces."""
+    """Evaluate the grid with the straightforward loop that vizpipe replaces."""
     samples = [{"image": x[i], "label": y[i]} for i in range(len(x))]
     loader = DataLoader(samples, batch_size=batch_size, shuffle=False)
     base = {name: value.clone() for name, value in model.state_dict().items()}

@@ -25,7 +25,8 @@ def test_tile_normalization_spans_unit_range():
     grid = kernel_grid(weight, normalize="tile")
     assert grid.shape == (4 * 4 - 1, 2 * 4 - 1)
     first_tile = grid[0:3, 0:3]
-    assert first_tile.min() == 0.0 and first_tile.max() == pytest.approx(1.0)
+    assert first_tile.min() == 0.0
+    assert first_tile.max() == pytest.approx(1.0)
     torch.testing.assert_close(first_tile, (weight[0, 0] - weight[0, 0].min()) / (weight[0, 0].max() - weight[0, 0].min()))
     assert torch.isnan(grid[3, 0])  # padding row
 
@@ -40,7 +41,7 @@ def test_grid_normalization_keeps_zero_at_half():
     assert grid[1, 1] == 0.5
 
 
-def test_rgb_first_layer_gets_one_colour_tile_per_filter():
+def test_rgb_kernels_one_tile_per_filter():
     weight = resnet8().pre_conv.weight.detach()
     grid = kernel_grid(weight)
     side = math.ceil(math.sqrt(64))

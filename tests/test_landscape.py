@@ -34,7 +34,8 @@ def test_center_equals_direct_loss(cnn_problem):
     with torch.no_grad():
         direct = float(loss_fn(model(x), y))
         accuracy = float((model(x).argmax(1) == y).float().mean())
-    assert result.x[2] == 0.0 and result.y[2] == 0.0
+    assert result.x[2] == 0.0
+    assert result.y[2] == 0.0
     assert result.loss[2, 2].item() == pytest.approx(direct, rel=1e-6)
     assert result.base_loss == pytest.approx(direct, rel=1e-6)
     assert result.accuracy[2, 2].item() == pytest.approx(accuracy)

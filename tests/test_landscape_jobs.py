@@ -144,7 +144,8 @@ def test_interrupt_stops_cleanly_and_keeps_partial_points(tmp_path, compile_opti
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
     assert "Traceback" not in stderr
-    assert "interrupted" in stderr and "to resume" in stderr
+    assert "interrupted" in stderr
+    assert "to resume" in stderr
     with h5py.File(run_dir / "results.h5", "r") as handle:
         assert not handle["landscape"].attrs["complete"]
         assert 10 <= handle["landscape/done"][()].sum() < 225

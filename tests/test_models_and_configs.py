@@ -36,7 +36,8 @@ def test_resnet8_module_names_match_reference():
     assert "layers.1.0.downsample.0.weight" in names
     assert "layers.0.0.downsample.0.weight" not in names
     assert names[-2:] == ["fc.weight", "fc.bias"]
-    assert model.pre_conv.kernel_size == (7, 7) and model.pre_conv.stride == (2, 2)
+    assert model.pre_conv.kernel_size == (7, 7)
+    assert model.pre_conv.stride == (2, 2)
     assert conv_layer_names(model)[:3] == ["pre_conv", "layers.0.0.conv1", "layers.0.0.conv2"]
 
 

@@ -28,10 +28,12 @@ def write(tmp_path, result, attrs=None):
 def test_contour_levels_cover_the_data():
     values = np.ma.masked_invalid(np.array([[0.0, 30.0], [np.nan, 12.0]]))
     levels = contour_levels(values)
-    assert levels[0] == 0.0 and levels[-1] == 30.0
+    assert levels[0] == 0.0
+    assert levels[-1] == 30.0
     assert np.all(np.diff(levels) > 0)
     flat = contour_levels(np.ma.masked_invalid(np.full((3, 3), 2.5)))
-    assert np.all(np.diff(flat) > 0) and flat[0] < 2.5 < flat[-1]
+    assert np.all(np.diff(flat) > 0)
+    assert flat[0] < 2.5 < flat[-1]
 
 
 def test_line_and_plane_figures(tmp_path, small_landscape):

@@ -1,4 +1,4 @@
-"""How each analysis result becomes HDF5 datasets, attributes and MLflow metrics.
+"""Conversion of each analysis result into HDF5 datasets, attributes and MLflow metrics.
 
 The names here are the file format: keep them in step with docs/hdf5-layout.md.
 """
@@ -42,7 +42,7 @@ def landscape_datasets(x, y, loss, accuracy, done, directions: Directions) -> di
 
 
 def landscape_skeleton(x, y, directions: Directions, attrs: dict[str, Any]) -> Record:
-    """The landscape group before any point is evaluated: NaN values, ``done`` all False."""
+    """Build the landscape group before any point is evaluated: NaN values, ``done`` all False."""
     shape = (len(x),) if y is None else (len(y), len(x))
     loss = torch.full(shape, float("nan"), dtype=torch.float64)
     datasets = landscape_datasets(x, y, loss, loss.clone(), torch.zeros(shape, dtype=torch.bool), directions)

@@ -1,8 +1,8 @@
 """The HDF5 results file: the only module that imports h5py.
 
-One ``results.h5`` per job. Root attributes identify what produced it; one
-group per analysis holds raw tensors (never clipped) with parameters as
-attributes. ``docs/hdf5-layout.md`` documents every name.
+One ``results.h5`` per job. Root attributes identify what produced it, and
+one group per analysis contains raw tensors (never clipped) with parameters
+as attributes. ``docs/hdf5-layout.md`` documents every name.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def _write_datasets(node: h5py.Group, datasets: Mapping[str, Any]) -> None:
 class Results(dict):
     """A results file loaded into memory: ``results["landscape"]["loss"]`` is a numpy array.
 
-    ``results.attrs`` holds the root attributes and ``results.group_attrs[group]``
+    ``results.attrs`` contains the root attributes and ``results.group_attrs[group]``
     those of each (nested) group, keyed by the group's path.
     """
 

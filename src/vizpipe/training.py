@@ -122,7 +122,7 @@ def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
 
 
 def _plain_text(error: BaseException) -> str:
-    """The error's message without terminal colour codes."""
+    """Return the error's message without terminal colour codes."""
     return re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
 
 

@@ -159,7 +159,7 @@ def pca_directions(
     Each checkpoint's difference ``theta_i - theta`` is a row of a matrix
     (parameters only, with 1-D entries zeroed under ``ignore="biasbn"``). After
     centering the rows, the matrix's top right-singular vectors are the
-    directions, orthonormal in the flattened parameter space. ``extras`` holds ``explained_variance_ratio``
+    directions, orthonormal in the flattened parameter space. ``extras`` contains ``explained_variance_ratio``
     [dims] and ``trajectory`` [checkpoints, dims], the uncentered differences
     projected onto the directions, to draw the path over the contour.
     """

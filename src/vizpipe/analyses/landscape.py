@@ -140,7 +140,7 @@ def loss_landscape(
     """Evaluate loss and accuracy on a line (``dims=1``) or plane (``dims=2``) through the weights.
 
     Args:
-        model: evaluated in eval mode; its parameters (and buffers, if the
+        model: evaluated in eval mode. Its parameters (and buffers, if the
             directions move them) are set in place per point and restored
             bit-exactly afterwards, also when an exception or Ctrl-C stops the loop.
         batches: evaluation (inputs, targets) batches, already on the model's device.

@@ -27,7 +27,7 @@ def resolve_results_path(source: str | Path) -> Path:
     if path.is_dir():
         path = path / "results.h5"
     if not path.is_file():
-        raise VizpipeError(f"results file not found: {path}; pass a results.h5 or the run folder that holds it")
+        raise VizpipeError(f"results file not found: {path}; pass a results.h5 or the run folder that contains it")
     return path
 
 
@@ -70,5 +70,5 @@ def render_results(
         if "training" in results:
             written += render_training(results, out, formats)
     if not written:
-        log.warning("%s holds no analysis results; no figure was drawn", path)
+        log.warning("%s contains no analysis results; no figure was drawn", path)
     return written

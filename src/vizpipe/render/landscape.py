@@ -142,7 +142,7 @@ def _decorate(axis, trajectory, name: str, labels: tuple[str, str]) -> None:
 
 
 def _write_html_surface(x, y, loss: np.ma.MaskedArray, label: str, labels: tuple[str, str], path: Path) -> Path:
-    """An interactive 3D surface that MLflow's artifact view and any browser open.
+    """Write an interactive 3D surface that MLflow's artifact view and any browser open.
 
     NOTE: the page loads plotly.js from its CDN (about 4 MB when embedded
     instead), so viewing it needs network access.
