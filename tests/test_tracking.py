@@ -1,5 +1,6 @@
 """MLflow tracking against a real `mlflow server` and the local SQLite store, and `vizpipe-log`."""
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -34,10 +35,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a SQLite backend; stopped with its process group."""
-    root = tmp_path_factory.mktemp("server")
+@contextlib.contextmanager
+def running_mlflow_server(root: Path, env_extra=None):
+    """Run a real `mlflow server` on 127.0.0.1 with a SQLite backend; stop it with its process group."""
     port = free_port()
     command = [
         str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
@@ -47,7 +47,7 @@ def mlflow_server(tmp_path_factory):
     log_file = open(root / "server.log", "w")
     server = subprocess.Popen(
         command, cwd=root, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"),
+        env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", **(env_extra or {})),
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -71,6 +71,31 @@ def mlflow_server(tmp_path_factory):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log_file.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    with running_mlflow_server(tmp_path_factory.mktemp("server")) as uri:
+        yield uri
+
+
+# Imported by every Python process of the server (uvicorn runs in a child process),
+# it sets the parameter limit of MLflow 1.28 to 2.7, which rejected longer values.
+OLD_LIMIT_SITECUSTOMIZE = """
+import mlflow.utils.validation
+mlflow.utils.validation.MAX_PARAM_VAL_LENGTH = 500
+"""
+
+
+@pytest.fixture(scope="module")
+def old_limit_mlflow_server(tmp_path_factory):
+    """A real `mlflow server` that rejects param values over 500 characters, as servers before MLflow 2.8 did."""
+    root = tmp_path_factory.mktemp("old_server")
+    (root / "site").mkdir()
+    (root / "site" / "sitecustomize.py").write_text(OLD_LIMIT_SITECUSTOMIZE)
+    env = {"PYTHONPATH": str(root / "site"), "MLFLOW_TRUNCATE_LONG_VALUES": "false"}
+    with running_mlflow_server(root, env) as uri:
+        yield uri
 
 
 def test_flatten_shortens_long_values_with_hash():
@@ -102,6 +127,49 @@ def test_params_logged_in_batches_to_local_store(tmp_path):
     assert run.data.params["group3.key59"] == "59"
     assert len(run.data.params["long"]) == MAX_PARAM_LENGTH
     assert run.info.status == "FINISHED"
+
+
+def test_params_shortened_to_configured_length(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    long_value = "z" * 900
+    tracker = Tracker(True, uri, "short", tmp_path, max_param_length=500)
+    tracker.start("short", {"long": long_value, "short": "abc"})
+    tracker.end()
+    params = mlflow.MlflowClient(tracking_uri=uri).get_run(tracker.run_id).data.params
+    digest = hashlib.sha256(long_value.encode()).hexdigest()[:12]
+    assert len(params["long"]) == 500
+    assert params["long"].startswith("z" * 400)
+    assert params["long"].endswith(f"...sha256:{digest}")
+    assert params["short"] == "abc"
+
+
+def test_param_length_below_minimum_rejected(tmp_path):
+    completed = run_cli([f"hydra.run.dir={tmp_path}/run", *JOB, "tracking.max_param_length=20"], cwd=tmp_path)
+    assert completed.returncode == 2
+    assert "invalid tracking.max_param_length 20: it must be at least 100" in completed.stderr
+
+
+@pytest.mark.slow
+def test_old_server_limit_shortens_and_retries(old_limit_mlflow_server, tmp_path):
+    long_name = "n" * 700
+    completed = run_cli(
+        [f"hydra.run.dir={tmp_path}/run", f"output_root={tmp_path}/outputs", *JOB,
+         f"tracking.tracking_uri={old_limit_mlflow_server}", "tracking.experiment_name=old", f"tracking.run_name={long_name}"],
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    output = completed.stdout + completed.stderr
+    assert "accepts parameter values of at most 500 characters" in output
+    assert "tracking is off" not in output
+    client = mlflow.MlflowClient(tracking_uri=old_limit_mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("old").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    digest = hashlib.sha256(long_name.encode()).hexdigest()[:12]
+    assert run.data.params["tracking.run_name"] == long_name[: 500 - 22] + f"...sha256:{digest}"
+    assert run.data.params["analysis.hessian.max_iterations"] == "3"
+    assert "hessian/eigenvalue/conv1.weight" in run.data.metrics
 
 
 @pytest.mark.slow

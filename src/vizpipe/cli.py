@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vizpipe.config import register_configs
 from vizpipe.errors import VizpipeError
-from vizpipe.tracking import LOG_LATER_COMMAND, SweepInfo, Tracker, find_run_results, job_run_name, resolve_tracking_uri
+from vizpipe.tracking import LOG_LATER_COMMAND, MAX_PARAM_LENGTH, SweepInfo, Tracker, find_run_results, job_run_name, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from vizpipe.runner import JobSummary
@@ -220,6 +220,7 @@ def _log_job_folder(run_dir: Path, tracking_uri: str | None, experiment_name: st
         experiment_name or OmegaConf.select(cfg, "tracking.experiment_name", default="vizpipe"),
         OmegaConf.select(cfg, "output_root", default="outputs"),
         run_dir,
+        OmegaConf.select(cfg, "tracking.max_param_length", default=MAX_PARAM_LENGTH),
     )
     tags = {"vizpipe.run_dir": str(run_dir.resolve()), "vizpipe.logged_later": "true"}
     tracker.start(record.get("run_name") or run_dir.name, params, tags, sweep)

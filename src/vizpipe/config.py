@@ -139,6 +139,8 @@ class TrackingConfig:
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<output_root>/mlflow.db
     experiment_name: str = "vizpipe"
     run_name: Optional[str] = None
+    # Longer param values are cut, ending in a hash of the full value; 500 for MLflow servers before 2.8.
+    max_param_length: int = 6000
 
 
 @dataclass

@@ -153,6 +153,9 @@ def validate(cfg: DictConfig) -> None:
         _validate_hessian(analyses.hessian, require)
     if analyses.activation_maximization is not None:
         validate_activation_maximization(analyses.activation_maximization)
+    require(cfg.tracking.max_param_length >= 100,
+            f"invalid tracking.max_param_length {cfg.tracking.max_param_length}: it must be at least 100 "
+            "(MLflow servers accept 500 since version 1.28 and 6000 since 2.8)")
     for fmt in cfg.figures.formats:
         require(fmt in ("png", "pdf", "svg"), f"invalid figure format {fmt!r} in figures.formats; use png, pdf or svg")
 
@@ -566,7 +569,10 @@ def run_job(cfg: DictConfig, run_dir: Path, run_name: str | None = None, sweep: 
 def _run_tracked_job(cfg: DictConfig, run_dir: Path, run_name: str | None, sweep: SweepInfo | None) -> JobSummary:
     started = time.perf_counter()
     results_path = run_dir / "results.h5"
-    tracker = Tracker(cfg.tracking.enabled and distributed.is_main(), cfg.tracking.tracking_uri, cfg.tracking.experiment_name, cfg.output_root, run_dir)
+    tracker = Tracker(
+        cfg.tracking.enabled and distributed.is_main(), cfg.tracking.tracking_uri, cfg.tracking.experiment_name,
+        cfg.output_root, run_dir, cfg.tracking.max_param_length,
+    )
     analyses = [name for name in ANALYSIS_ORDER if cfg.analysis[name] is not None]
     run_name = cfg.tracking.run_name or run_name or job_run_name(analyses, [])
     tags = {"vizpipe.run_dir": str(run_dir.resolve()), "vizpipe.host": f"{socket.gethostname()}:{os.getpid()}"}

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import traceback
@@ -29,8 +30,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# MLflow 3 accepts parameter values of up to 6,000 characters (older servers
-# accept 500) and at most 100 parameters per log_batch call.
+# MLflow 2.8 and later accept parameter values of up to 6,000 characters, MLflow
+# 1.28 to 2.7 accept 500; every version takes at most 100 parameters per
+# log_batch call.
 MAX_PARAM_LENGTH = 6000
 PARAM_BATCH_SIZE = 100
 METRIC_BATCH_SIZE = 1000
@@ -71,10 +73,10 @@ def shorten(text: str, limit: int = MAX_PARAM_LENGTH) -> str:
     return text[: limit - len(suffix)] + suffix
 
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten(config: Mapping[str, Any], prefix: str = "", limit: int = MAX_PARAM_LENGTH) -> dict[str, str]:
     """Flatten nested mappings to ``{"a.b.c": "value"}``, shortening over-long values.
 
-    A value longer than ``MAX_PARAM_LENGTH`` keeps its start and ends with
+    A value longer than ``limit`` keeps its start and ends with
     ``...sha256:<first 12 hex digits>`` of the full value; the full config is
     logged as an artifact anyway.
     """
@@ -82,10 +84,21 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{name}."))
+            flat.update(flatten(value, f"{name}.", limit))
             continue
-        flat[name] = shorten(str(value))
+        flat[name] = shorten(str(value), limit)
     return flat
+
+
+# Servers reject a too-long value with "... exceeded
+# length limit of 500" (MLflow 1.28 to 2.7) or "... exceeds the maximum length of 6000 characters" (later).
+_LENGTH_LIMIT_MESSAGE = re.compile(r"(?:length limit of|maximum length of) (\d+)")
+
+
+def server_param_limit(error: Exception) -> int | None:
+    """Return the parameter length limit named in a server's rejection, or None if it names none."""
+    match = _LENGTH_LIMIT_MESSAGE.search(str(error))
+    return int(match.group(1)) if match else None
 
 
 def job_run_name(analyses: list[str], overrides: list[str]) -> str:
@@ -154,8 +167,10 @@ class Tracker:
         experiment_name: str,
         output_root: str | Path,
         run_dir: str | Path | None = None,
+        max_param_length: int = MAX_PARAM_LENGTH,
     ):
         self.enabled = enabled
+        self.max_param_length = max_param_length
         self.uri = resolve_tracking_uri(tracking_uri, output_root) if enabled else None
         self.experiment_name = experiment_name
         self.output_root = Path(output_root).expanduser().resolve()
@@ -244,9 +259,30 @@ class Tracker:
         return run.info.run_id
 
     def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log ``params`` in batches; shorten them again and retry once if the server has a lower length limit."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._log_param_batches(run_id, flatten(params, limit=self.max_param_length))
+            return
+        except MlflowException as error:
+            limit = server_param_limit(error)
+            if limit is None or limit >= self.max_param_length:
+                raise
+            log.warning(
+                "The tracking server at %s accepts parameter values of at most %d characters; "
+                "shortening them (set tracking.max_param_length=%d to skip this retry)",
+                self.uri, limit, limit,
+            )
+            self.max_param_length = limit
+        # Params of the batches logged before the rejection are logged again with
+        # the same values, which MLflow accepts.
+        self._log_param_batches(run_id, flatten(params, limit=limit))
+
+    def _log_param_batches(self, run_id: str, flat: Mapping[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(key, value) for key, value in flatten(params).items()]
+        items = [Param(key, value) for key, value in flat.items()]
         for start in range(0, len(items), PARAM_BATCH_SIZE):
             self._client.log_batch(run_id, params=items[start : start + PARAM_BATCH_SIZE])
 
