@@ -90,8 +90,8 @@ def flatten(config: Mapping[str, Any], prefix: str = "", limit: int = MAX_PARAM_
     return flat
 
 
-# Servers reject a too-long value with "... exceeded
-# length limit of 500" (MLflow 1.28 to 2.7) or "... exceeds the maximum length of 6000 characters" (later).
+# Servers reject a too-long value with "... exceeded length limit of 500"
+# (MLflow 1.28 to 2.7) or "... exceeds the maximum length of 6000 characters" (later).
 _LENGTH_LIMIT_MESSAGE = re.compile(r"(?:length limit of|maximum length of) (\d+)")
 
 
