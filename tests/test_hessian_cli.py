@@ -89,3 +89,32 @@ def test_invalid_group_by_rejected_before_work(tmp_path):
     completed = run_cli([f"hydra.run.dir={tmp_path}/run", f"output_root={tmp_path}/outputs", *BASE,
                          "analysis=[hessian]", "analysis.hessian.group_by=layer"], cwd=tmp_path)
     assert_clean_error(completed, "analysis.hessian.group_by 'layer'", "parameter or module")
+
+
+def test_power_iteration_top_k_through_cli(tmp_path):
+    completed = run_cli(
+        [f"hydra.run.dir={tmp_path}/run", f"output_root={tmp_path}/outputs", *BASE, "weights.source=random",
+         "analysis=[hessian]", "analysis.hessian.blocks=false", "analysis.hessian.top_k=2",
+         "analysis.hessian.top_k_method=power_iteration", "analysis.hessian.top_k_tol=1e-4",
+         "analysis.hessian.top_k_max_iterations=200", "evaluation.max_samples=50", "tracking.enabled=false"],
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as handle:
+        group = handle["hessian/top_k"]
+        assert group.attrs["method"] == "power_iteration"
+        values = group["eigenvalues"][()]
+        history = group["history"][()]
+    assert values.shape == (2,)
+    assert abs(values[0]) >= abs(values[1]) * (1 - 1e-3)
+    assert history.shape[1] == 2
+    assert history.shape[0] >= 2, "each pair needs at least two products to stop"
+
+
+def test_unknown_top_k_method_rejected(tmp_path):
+    completed = run_cli(
+        [f"hydra.run.dir={tmp_path}/run", *BASE, "analysis=[hessian]", "analysis.hessian.top_k=2",
+         "analysis.hessian.top_k_method=arnoldi"],
+        cwd=tmp_path,
+    )
+    assert_clean_error(completed, "analysis.hessian.top_k_method 'arnoldi'", "lanczos or power_iteration")

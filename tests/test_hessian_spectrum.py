@@ -52,6 +52,40 @@ def test_top_k_matches_exact(mlp_problem):
         assert float((exact @ vector - value * vector).norm()) <= 1e-5 * float(value)
 
 
+def test_top_k_power_iteration_matches_exact(mlp_problem):
+    model, x, y, exact = mlp_problem
+    values, vectors = torch.linalg.eigh(exact)
+    order = torch.argsort(values.abs(), descending=True)[:3]
+    result = hessian_top_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), k=3, max_iterations=3000, tol=1e-12,
+                                     eigenvectors=True, progress=False, method="power_iteration")
+    torch.testing.assert_close(result.eigenvalues, values[order], rtol=1e-6, atol=0)
+    assert result.converged
+    assert result.method == "power_iteration"
+    assert result.history.shape == (result.iterations, 3)
+    assert result.eigenvectors.shape == (3, exact.shape[0])
+    torch.testing.assert_close(result.eigenvectors @ result.eigenvectors.T, torch.eye(3, dtype=torch.float64),
+                               rtol=0, atol=1e-8)
+    for value, vector in zip(values[order], result.eigenvectors):
+        assert float((exact @ vector - value * vector).norm()) <= 1e-4 * abs(float(value))
+
+
+def test_top_k_power_iteration_zero_operator():
+    model = nn.Linear(3, 1, bias=False).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    # The loss is linear in the weights, so the Hessian is zero.
+    result = hessian_top_eigenvalues(model, [(x, x.sum(1, keepdim=True))], lambda out, _: out.mean(), k=2,
+                                     max_iterations=10, progress=False, method="power_iteration")
+    torch.testing.assert_close(result.eigenvalues, torch.zeros(2, dtype=torch.float64), rtol=0, atol=0)
+    assert result.converged
+    assert not torch.isnan(result.residuals).any()
+
+
+def test_top_k_rejects_unknown_method(mlp_problem):
+    model, x, y, _ = mlp_problem
+    with pytest.raises(VizpipeError, match="invalid Hessian top-k method 'arnoldi'"):
+        hessian_top_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), k=2, method="arnoldi", progress=False)
+
+
 def test_top_k_rejects_too_large_k(mlp_problem):
     model, x, y, exact = mlp_problem
     with pytest.raises(VizpipeError, match=f"only {exact.shape[0]} entries"):

@@ -77,8 +77,9 @@ class HessianConfig:
     include: Optional[List[str]] = None  # fnmatch patterns on parameter names; None: every trainable parameter
     exclude: Optional[List[str]] = None  # fnmatch patterns removed from the selection
     max_samples: Optional[int] = None
-    top_k: int = 0  # largest eigenvalues of the whole Hessian by Lanczos; 0: off
-    top_k_max_iterations: int = 100
+    top_k: int = 0  # top eigenvalues of the whole Hessian; 0: off
+    top_k_method: str = "lanczos"  # lanczos (largest algebraic) | power_iteration (largest magnitude, deflation)
+    top_k_max_iterations: int = 100  # products in all (lanczos) or per eigenpair (power_iteration)
     top_k_tol: float = 1e-6
     eigenvectors: bool = False  # store the top-k eigenvectors (top_k x parameter count float64 values)
     trace: bool = False  # Hutchinson trace with Rademacher probes

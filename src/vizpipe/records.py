@@ -124,7 +124,8 @@ def hessian_records(
         if top.eigenvectors is not None:
             top_datasets["eigenvectors"] = top.eigenvectors
         result.append(("hessian/top_k", top_datasets,
-                       {"k": len(top.eigenvalues), "iterations": top.iterations, "converged": top.converged}))
+                       {"k": len(top.eigenvalues), "iterations": top.iterations, "converged": top.converged,
+                        "method": top.method}))
     if trace is not None:
         result.append(("hessian/trace", {"samples": trace.samples},
                        {"trace": trace.trace, "standard_error": trace.standard_error, "converged": trace.converged}))

@@ -42,6 +42,7 @@ from vizpipe.analyses.directions import (
     target_directions,
 )
 from vizpipe.analyses.hessian_spectrum import (
+    TOP_K_METHODS,
     eigenvector_directions,
     hessian_density,
     hessian_top_eigenvalues,
@@ -210,6 +211,7 @@ def _validate_hessian(hess: DictConfig, require) -> None:
     require(hess.group_by in ("parameter", "module"), f"{prefix}.group_by {hess.group_by!r}; use parameter or module")
     require(hess.curvature in ("hessian", "ggn"), f"{prefix}.curvature {hess.curvature!r}; use hessian or ggn")
     require(hess.which in ("magnitude", "extremes"), f"{prefix}.which {hess.which!r}; use magnitude or extremes")
+    require(hess.top_k_method in TOP_K_METHODS, f"{prefix}.top_k_method {hess.top_k_method!r}; use {' or '.join(TOP_K_METHODS)}")
     for key in ("max_iterations", "top_k_max_iterations", "density_runs", "density_steps"):
         require(hess[key] >= 1, f"{prefix}.{key} {hess[key]}: it must be at least 1")
     for key in ("tol", "top_k_tol", "trace_relative_standard_error", "density_sigma"):
@@ -857,7 +859,7 @@ def _run_hessian(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_
     if options.top_k > 0:
         top = hessian_top_eigenvalues(
             model, mine, loss_fn, k=options.top_k, max_iterations=options.top_k_max_iterations, tol=options.top_k_tol,
-            eigenvectors=options.eigenvectors, **common,
+            eigenvectors=options.eigenvectors, method=options.top_k_method, **common,
         )
         log.info("Hessian top-%d eigenvalues: %s", options.top_k, ", ".join(f"{v:.4g}" for v in top.eigenvalues.tolist()))
     if options.trace:

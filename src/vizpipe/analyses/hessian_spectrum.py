@@ -27,6 +27,8 @@ from vizpipe.errors import VizpipeError
 
 log = logging.getLogger(__name__)
 
+TOP_K_METHODS = ("lanczos", "power_iteration")
+
 
 @dataclass
 class TopEigenvalues:
@@ -44,6 +46,7 @@ class TopEigenvalues:
     history: torch.Tensor  # [iterations, k] tracked Ritz values after each product
     eigenvectors: torch.Tensor | None
     parameter_names: list[str]
+    method: str = "lanczos"
 
 
 @dataclass
@@ -114,13 +117,27 @@ def hessian_top_eigenvalues(
     eigenvectors: bool = False,
     curvature: str = "hessian",
     progress: bool = True,
+    method: str = "lanczos",
 ) -> TopEigenvalues:
-    """Compute the ``k`` largest algebraic eigenvalues of the whole Hessian by Lanczos.
+    """Compute the ``k`` top eigenvalues of the whole Hessian by Lanczos or by power iteration with deflation.
 
-    Lanczos keeps its basis, ``iterations`` vectors of the model's size. It
-    stops when each of the ``k`` Ritz values changes by less than ``tol``
-    relative, or after ``max_iterations`` products. The model runs in eval mode.
+    ``method="lanczos"`` returns the ``k`` largest algebraic eigenvalues. It
+    keeps its basis, ``iterations`` vectors of the model's size, and stops when
+    each of the ``k`` Ritz values changes by less than ``tol`` relative, or after
+    ``max_iterations`` products.
+
+    ``method="power_iteration"`` finds one eigenpair after another by power
+    iteration on the Hessian projected onto the orthogonal complement of the
+    eigenvectors found so far (deflation), each pair stopping when its
+    Rayleigh quotient changes by less than ``tol`` relative, or after
+    ``max_iterations`` products. It returns the ``k`` largest-magnitude
+    eigenvalues (sign kept, in the order found), which differ from the largest
+    algebraic ones when a negative eigenvalue is among them. It keeps only the
+    ``k`` eigenvectors, but needs many more products than Lanczos when
+    eigenvalues are close. The model runs in eval mode.
     """
+    if method not in TOP_K_METHODS:
+        raise VizpipeError(f"invalid Hessian top-k method {method!r}; use one of {', '.join(TOP_K_METHODS)}")
     if k < 1:
         raise VizpipeError(f"invalid Hessian top_k {k}: it must be at least 1")
     if max_iterations < k:
@@ -132,6 +149,18 @@ def hessian_top_eigenvalues(
         log.info("Hessian: keeping %d eigenvectors of %d entries (%.1f MB)", k, operator.sizes[0],
                  k * operator.sizes[0] * operator.parameters[0].element_size() / 1e6)
     generator = torch.Generator().manual_seed(seed)
+    if method == "power_iteration":
+        with _EvalMode(model):
+            try:
+                top = _deflated_power_iteration(operator, generator, k, max_iterations, tol, progress)
+            finally:
+                operator.release()
+        top.parameter_names = names
+        if not eigenvectors:
+            top.eigenvectors = None
+        if not top.converged:
+            log.warning("Hessian top-%d: not every eigenpair converged within %d products each (tol %g)", k, max_iterations, tol)
+        return top
     solver = Lanczos(_start_vector(operator, generator, rademacher=False), tol, which="top", num_values=k)
     history = []
     with _EvalMode(model):
@@ -158,6 +187,61 @@ def hessian_top_eigenvalues(
         history=torch.stack(history),
         eigenvectors=vectors,
         parameter_names=names,
+    )
+
+
+def _deflated_power_iteration(operator: HessianOperator, generator: torch.Generator, k: int,
+                              max_iterations: int, tol: float, progress: bool) -> TopEigenvalues:
+    """Find ``k`` eigenpairs one after another by power iteration, deflating the ones found."""
+    found: list[torch.Tensor] = []
+    values, residuals, history = [], [], []
+    converged = True
+
+    def project(vector: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):  # twice, for orthogonality in floating point (as in Gram-Schmidt)
+            for eigenvector in found:
+                vector = vector - torch.dot(eigenvector, vector) * eigenvector
+        return vector
+
+    bar = tqdm(total=k * max_iterations, desc="hessian top-k", disable=None if progress else True)
+    try:
+        for _ in range(k):
+            vector = project(_start_vector(operator, generator, rademacher=False))
+            vector = vector / vector.norm()
+            estimate, residual, done = math.nan, math.nan, False
+            for _ in range(max_iterations):
+                product = operator.matvec({0: vector})[0]
+                bar.update()
+                previous = estimate
+                estimate = float(torch.dot(vector, product))
+                residual = float((product - estimate * vector).norm()) / max(abs(estimate), 1e-30)
+                history.append(values + [estimate] + [math.nan] * (k - len(values) - 1))
+                deflated = project(product)
+                norm = float(deflated.norm())
+                if norm == 0.0:  # the deflated operator is zero: the remaining eigenvalues are 0
+                    estimate, residual, done = 0.0, 0.0, True
+                    break
+                change = abs(estimate - previous) / max(abs(estimate), 1e-30) if not math.isnan(previous) else math.inf
+                vector = deflated / norm
+                if change < tol:
+                    done = True
+                    break
+            converged = converged and done
+            values.append(estimate)
+            residuals.append(residual)
+            # The last iterate, orthogonal to the earlier eigenvectors, is this pair's eigenvector.
+            found.append(project(vector) / project(vector).norm())
+    finally:
+        bar.close()
+    return TopEigenvalues(
+        eigenvalues=torch.tensor(values, dtype=torch.float64),
+        residuals=torch.tensor(residuals, dtype=torch.float64),
+        iterations=len(history),
+        converged=converged,
+        history=torch.tensor(history, dtype=torch.float64),
+        eigenvectors=torch.stack(found).detach(),
+        parameter_names=[],
+        method="power_iteration",
     )
 
 
