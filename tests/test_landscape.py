@@ -66,6 +66,25 @@ def test_weights_and_mode_restored_bit_exactly(cnn_problem):
     assert model.training
 
 
+def test_channels_last_equals_default_layout(cnn_problem):
+    model, x, y = cnn_problem
+    storage = {name: p.data_ptr() for name, p in model.named_parameters()}
+    before = snapshot(model)
+    common = dict(noise_range=0.5, resolution=4, seed=3, progress=False)
+    standard = loss_landscape(model, [(x, y)], nn.CrossEntropyLoss(), channels_last=False, **common)
+    fast = loss_landscape(model, [(x, y)], nn.CrossEntropyLoss(), **common)
+    assert not standard.settings["channels_last"]
+    assert fast.settings["channels_last"], "a CPU conv model with image inputs defaults to channels-last"
+    torch.testing.assert_close(fast.loss, standard.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(fast.accuracy, standard.accuracy, rtol=0, atol=0)
+    after = snapshot(model)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    for name, parameter in model.named_parameters():
+        assert parameter.data_ptr() == storage[name], f"{name} was left on another storage"
+        assert parameter.is_contiguous(), f"{name} was left in channels-last order"
+
+
 def test_weights_restored_after_exception(cnn_problem):
     model, x, y = cnn_problem
     before = snapshot(model)

@@ -59,6 +59,7 @@ class LandscapeConfig:
     trajectory: Optional[List[str]] = None  # direction=pca: state_dict files or glob patterns, in training order
     directions_from: Optional[str] = None  # reuse the directions stored in another results.h5 (or its run folder)
     compile: Optional[bool] = None  # torch.compile the forward pass; None: when the grid is large
+    channels_last: Optional[bool] = None  # channels-last inputs and weights; None: on CPU for conv models
     max_samples: Optional[int] = None  # evaluation samples used per grid point
     summary_radius: Optional[float] = None  # radius of the loss-increase metrics; None: a quarter of max |x|
     log_scale: bool = False  # rendering: plot log(loss)

@@ -824,7 +824,7 @@ def _run_landscape(options, cfg, model, dataset, loss_fn, x_eval, y_eval, result
         result = loss_landscape(
             model, eval_batches, loss_fn, noise_range=noise_range,
             resolution=options.resolution, dims=options.dims, y_range=y_range, directions=directions,
-            compile=options.compile, progress=cfg.progress, resume=state,
+            compile=options.compile, channels_last=options.channels_last, progress=cfg.progress, resume=state,
             on_point=point_writer.write if point_writer is not None else None,
         )
     metrics = records.landscape_metrics(result, options.summary_radius)
