@@ -4,9 +4,13 @@ Measured in one run on the same model (ResNet-8 of the reference layout), data
 and directions:
 - reference: the straightforward loop (deep copy of the model per point, weights
   rebuilt through load_state_dict, a DataLoader over per-sample dicts);
-- vizpipe: ``loss_landscape`` with its defaults (compilation decided by the
-  estimated eager time, compile time included) and with ``compile=True``;
-- floor: resolution^2 x one eager forward pass of the evaluation set.
+- vizpipe: ``loss_landscape`` with its defaults (channels-last on CPU,
+  compilation decided by the estimated eager time, compile time included), and
+  the variants chosen with ``--variants``;
+- floor: resolution^2 x one eager forward pass of the evaluation set;
+- with ``--vmap-points K``: seconds per grid point when K points share one
+  forward pass (``torch.func.functional_call`` + ``torch.vmap`` over stacked
+  weights), against the plain loop over the same points.
 
 Prints a Markdown table with medians over ``--repeats`` runs and checks that
 vizpipe's values equal the reference's within 1e-5 relative.
@@ -27,12 +31,21 @@ import time
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from vizpipe.analyses import loss_landscape
 from vizpipe.analyses.directions import random_directions
 from vizpipe.analyses.landscape import coordinates
 from vizpipe.models import resnet8
+
+
+# Settings of loss_landscape timed besides its defaults, chosen with --variants.
+VARIANTS = {
+    "compile=True": {"compile": True},
+    "eager": {"compile": False},
+    "eager,channels_last=False": {"compile": False, "channels_last": False},
+}
 
 
 def reference_landscape(model, x, y, directions, xs, ys, batch_size):
@@ -71,6 +84,43 @@ def floor_seconds(model, batches, points):
     return (time.perf_counter() - started) * points
 
 
+def vmap_seconds(model, batches, directions, xs, chunk: int, rows: int = 2) -> dict[str, float]:
+    """Seconds per grid point over ``rows`` grid rows: ``chunk`` points per vmapped forward pass, and a plain loop."""
+    model.eval()
+    names = directions.names
+    parameters = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    base = {name: parameters[name].detach() for name in names}
+    first, second = ({n: v for n, v in zip(names, vector)} for vector in directions.to(list(parameters.values())).vectors)
+    points = [(a, b) for b in xs[:rows].tolist() for a in xs.tolist()]
+
+    def weights(point):
+        a, b = point
+        return {name: base[name] + a * first[name] + b * second[name] for name in names}
+
+    def forward(weights_of_point, inputs):
+        return functional_call(model, (weights_of_point, buffers), (inputs,))
+
+    batched = torch.vmap(forward, in_dims=(0, None))
+    loss_fn = nn.CrossEntropyLoss()
+    with torch.inference_mode():
+        started = time.perf_counter()
+        for start in range(0, len(points), chunk):
+            group = [weights(point) for point in points[start : start + chunk]]
+            stacked = {name: torch.stack([g[name] for g in group]) for name in names}
+            for inputs, targets in batches:
+                outputs = batched(stacked, inputs)
+                [loss_fn(output, targets) for output in outputs]
+        vmapped = (time.perf_counter() - started) / len(points)
+        started = time.perf_counter()
+        for point in points:
+            moved = weights(point)
+            for inputs, targets in batches:
+                loss_fn(forward(moved, inputs), targets)
+        looped = (time.perf_counter() - started) / len(points)
+    return {"vmap": vmapped, "loop": looped}
+
+
 def timed(function):
     started = time.perf_counter()
     value = function()
@@ -85,6 +135,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each method; medians are reported")
     parser.add_argument("--quick", action="store_true", help="200 inputs, 7x7 grid, 3 repeats")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--variants", nargs="*", default=["compile=True"], choices=sorted(VARIANTS),
+        help="vizpipe settings timed besides the default",
+    )
+    parser.add_argument("--vmap-points", type=int, default=0, help="grid points per vmapped forward pass; 0: skip")
     args = parser.parse_args()
     if args.quick:
         args.samples, args.resolution, args.repeats = 200, 7, 3
@@ -99,27 +154,31 @@ def main() -> None:
     xs = coordinates(1.0, args.resolution)
     points = args.resolution**2
 
-    times = {"reference": [], "vizpipe default": [], "vizpipe compile=True": [], "floor": []}
-    values = {}
+    labels = ["vizpipe default", *(f"vizpipe {variant}" for variant in args.variants)]
+    times = {"reference": [], **{label: [] for label in labels}, "floor": []}
+    values, settings = {}, {}
     for _ in range(args.repeats):
         seconds, values["reference"] = timed(
             lambda: reference_landscape(model, x, y, directions.to(list(model.parameters())), xs, xs, args.batch_size)
         )
         times["reference"].append(seconds)
-        for label, compile_option in (("vizpipe default", None), ("vizpipe compile=True", True)):
+        for label, options in zip(labels, [{}, *(VARIANTS[variant] for variant in args.variants)]):
             torch._dynamo.reset()  # count compilation in every run
             seconds, result = timed(
                 lambda: loss_landscape(
                     model, batches, nn.CrossEntropyLoss(), resolution=args.resolution, directions=directions,
-                    compile=compile_option, progress=False,
+                    progress=False, **{"compile": None, **options},
                 )
             )
             times[label].append(seconds)
             values[label] = result.loss
+            settings[label] = {key: result.settings[key] for key in ("compiled", "channels_last")}
         times["floor"].append(floor_seconds(model, batches, points))
 
     medians = {label: statistics.median(seconds) for label, seconds in times.items()}
-    for label in ("vizpipe default", "vizpipe compile=True"):
+    for label in labels:
+        print(f"{label}: {settings[label]}")
+    for label in labels:
         error = ((values[label] - values["reference"]).abs() / values["reference"].abs()).max().item()
         print(f"max relative difference {label} vs reference: {error:.2e}")
     print(f"\nResNet-8, {args.samples} inputs, {args.resolution}x{args.resolution} grid, device {device}, "
@@ -129,6 +188,10 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for label, seconds in medians.items():
         print(f"| {label} | {seconds:.1f} | {medians['reference'] / seconds:.2f}x | {seconds / medians['floor']:.2f} |")
+    if args.vmap_points:
+        per_point = vmap_seconds(model, batches, directions, xs, args.vmap_points)
+        print(f"\nseconds per grid point, eager: {args.vmap_points} points per vmapped forward pass "
+              f"{per_point['vmap']:.3f}, plain loop {per_point['loop']:.3f}")
 
 
 if __name__ == "__main__":
