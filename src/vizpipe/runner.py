@@ -66,7 +66,7 @@ from vizpipe.config import (
 from vizpipe.errors import VizpipeError, suggest
 from vizpipe.render import render_results, resolve_results_path
 from vizpipe.tracking import SweepInfo, Tracker, job_run_name
-from vizpipe.training import load_checkpoint, read_state_dict, train, weight_fingerprint
+from vizpipe.training import load_checkpoint, read_state_dict, save_state_dict, train, weight_fingerprint
 
 log = logging.getLogger("vizpipe")
 
@@ -450,7 +450,7 @@ def _prepare_weights_on_rank(cfg, model, dataset, loss_fn, device, run_dir, resu
         trajectory_dir.mkdir(exist_ok=True)
 
         def on_epoch_end(epoch: int, trained: nn.Module) -> None:
-            torch.save(trained.state_dict(), trajectory_dir / f"epoch_{epoch:03d}.pt")
+            save_state_dict(trained, trajectory_dir / f"epoch_{epoch:03d}.pt")
 
     history = train(
         model, dataset, loss_fn, weights.epochs, weights.lr, weights.batch_size,
@@ -462,7 +462,7 @@ def _prepare_weights_on_rank(cfg, model, dataset, loss_fn, device, run_dir, resu
         "test/accuracy": history.test_accuracy[-1],
     }
     if weights.save_checkpoint:
-        torch.save(model.state_dict(), checkpoint)
+        save_state_dict(model, checkpoint)
         log.info("Saved the trained weights to %s", checkpoint)
     store.write_group(
         results_path,
@@ -580,6 +580,16 @@ def _run_tracked_job(cfg: DictConfig, run_dir: Path, run_name: str | None, sweep
         status = "KILLED"
         log.error("Interrupted; finished analyses are kept in %s", results_path)
         raise
+    except OSError as error:
+        if error.errno not in store.NO_SPACE_ERRNOS:
+            tracker.record_error(error)
+            raise
+        no_space = VizpipeError(
+            f"writing {error.filename or run_dir} failed: {error.strerror} [errno {error.errno}]; free disk space "
+            f"and rerun the same command with hydra.run.dir={run_dir}: finished analyses are kept"
+        )
+        tracker.record_error(no_space)
+        raise no_space from error
     except Exception as error:
         tracker.record_error(error)
         raise
@@ -590,7 +600,11 @@ def _run_tracked_job(cfg: DictConfig, run_dir: Path, run_name: str | None, sweep
         summary.status = status
         summary.seconds = time.perf_counter() - started
         if distributed.is_main():
-            _write_job_record(run_dir / JOB_RECORD, summary, run_name)
+            try:
+                _write_job_record(run_dir / JOB_RECORD, summary, run_name)
+            except OSError as error:
+                # Raising here would hide the job's own error; the record only serves vizpipe-log.
+                log.error("Writing %s failed (%s); vizpipe-log will treat the job as failed", run_dir / JOB_RECORD, error)
     log.info("Job finished in %.1f s", summary.seconds)
     return summary
 
