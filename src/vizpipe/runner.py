@@ -339,9 +339,14 @@ def _instantiate(node: DictConfig, what: str) -> Any:
 
 
 def check_model_fits(model: nn.Module, dataset: ImageDataset, loss_fn, device: torch.device) -> None:
-    """Run two samples through the model and the loss so shape mismatches fail before any work."""
-    inputs = dataset.x_test[:2].to(device)
-    targets = dataset.y_test[:2].to(device)
+    """Run a few samples through the model and the loss so shape mismatches fail before any work.
+
+    The samples include those with the largest label of each split, so a
+    model with too few outputs for the dataset's classes fails here too.
+    """
+    inputs = torch.cat([dataset.x_test[:2], dataset.x_test[[int(dataset.y_test.argmax())]],
+                        dataset.x_train[[int(dataset.y_train.argmax())]]]).to(device)
+    targets = torch.cat([dataset.y_test[:2], dataset.y_test.max().view(1), dataset.y_train.max().view(1)]).to(device)
     was_training = model.training
     model.eval()
     try:
@@ -358,11 +363,18 @@ def check_model_fits(model: nn.Module, dataset: ImageDataset, loss_fn, device: t
         loss_fn(outputs, targets)
     except (RuntimeError, ValueError, IndexError) as error:
         raise VizpipeError(
-            f"model output of shape {list(outputs.shape)} does not fit the loss {type(loss_fn).__name__} for "
-            f"{dataset.num_classes} classes ({str(error).splitlines()[0]}); check model.class_number"
+            f"model output of shape {list(outputs.shape[1:])} per sample does not fit the loss "
+            f"{type(loss_fn).__name__} with labels up to {int(targets.max())} ({str(error).splitlines()[0]}); "
+            f"set model.class_number to {dataset.num_classes}, the dataset's class count, or fix the loss config"
         ) from error
-    if not torch.isfinite(dataset.x_test).all() or not torch.isfinite(dataset.x_train).all():
-        raise VizpipeError(f"dataset {dataset.name} contains NaN or infinite inputs; clean the data first")
+    for split in ("train", "test"):
+        images = dataset.split(split)[0]
+        bad = (~torch.isfinite(images.flatten(1))).any(dim=1).nonzero().flatten()
+        if len(bad):
+            raise VizpipeError(
+                f"dataset {dataset.name}: {len(bad)} {split} image(s) contain NaN or infinite values "
+                f"(first at index {int(bad[0])}); clean the data or fix the dataset's preprocessing"
+            )
 
 
 def check_layers(cfg: DictConfig, model: nn.Module, image_shape: list[int], device: torch.device) -> None:
@@ -370,7 +382,10 @@ def check_layers(cfg: DictConfig, model: nn.Module, image_shape: list[int], devi
     kernels = cfg.analysis.conv_kernels
     if kernels is not None and kernels.layers is not None:
         for name in kernels.layers:
-            find_layer(model, name, (nn.Conv2d,), "conv kernels")
+            try:
+                find_layer(model, name, (nn.Conv2d,), "conv kernels")
+            except VizpipeError as error:
+                raise VizpipeError(f"{error} Fix analysis.conv_kernels.layers, or set it to null for every Conv2d") from None
     elif kernels is not None and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         raise VizpipeError(
             f"{type(model).__name__} has no Conv2d layer to draw kernels of; drop conv_kernels from analysis=[...]"
@@ -410,7 +425,9 @@ def prepare_weights(
     cfg: DictConfig, model: nn.Module, dataset: ImageDataset, loss_fn, device, run_dir: Path, results_path: Path,
     resuming: bool = False,
 ) -> dict[str, float]:
-    """Initialize, load or train the model as ``cfg.weights`` specifies; return training metrics.
+    """Initialize or train the model as ``cfg.weights`` specifies; return training metrics.
+
+    A ``weights.source=checkpoint`` model is loaded earlier, by ``_run_steps``.
 
     When resuming a run folder whose training finished, the saved
     ``checkpoint.pt`` is loaded instead of training again. Under torchrun only
@@ -424,10 +441,7 @@ def prepare_weights(
 def _prepare_weights_on_rank(cfg, model, dataset, loss_fn, device, run_dir, results_path, resuming) -> dict[str, float]:
     weights = cfg.weights
     if weights.source == "checkpoint":
-        log.info("Loading checkpoint %s", weights.checkpoint)
-        load_checkpoint(model, weights.checkpoint)
-        model.to(device)
-        return {}
+        return {}  # loaded by _run_steps before results.h5 was created
     if weights.source == "random":
         log.info("Using the seeded random initialization (seed %d)", cfg.seed)
         return {}
@@ -650,6 +664,11 @@ def _run_steps(cfg: DictConfig, run_dir: Path, results_path: Path, summary: JobS
     loss_fn = _instantiate(cfg.loss, "loss")
     check_model_fits(model, dataset, loss_fn, device)
     check_layers(cfg, model, dataset.image_shape, device)
+    if cfg.weights.source == "checkpoint":
+        # Loaded before results.h5 exists, so a bad checkpoint leaves nothing behind.
+        log.info("Loading checkpoint %s", cfg.weights.checkpoint)
+        load_checkpoint(model, cfg.weights.checkpoint)
+        model.to(device)
 
     # 2. Weights.
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
