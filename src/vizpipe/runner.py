@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -121,6 +122,8 @@ def _check_known_keys(node: Any, schema: type, where: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check value ranges the schema's types cannot express; raise ``VizpipeError`` on the first bad one."""
     _check_known_keys(cfg, VizpipeConfig, "")
+    for section in ("analysis", "weights", "evaluation"):
+        _check_finite(cfg[section], section)
 
     def require(condition: bool, message: str) -> None:
         if not condition:
@@ -155,6 +158,21 @@ def validate(cfg: DictConfig) -> None:
         validate_activation_maximization(analyses.activation_maximization)
     for fmt in cfg.figures.formats:
         require(fmt in ("png", "pdf", "svg"), f"invalid figure format {fmt!r} in figures.formats; use png, pdf or svg")
+
+
+def _check_finite(node: Any, where: str) -> None:
+    """Reject NaN and infinite numbers anywhere under ``node``: no option of an analysis takes them."""
+    if OmegaConf.is_dict(node):
+        for key in node.keys():
+            # Interpolations are left alone: ${hydra:...} resolves only inside a running job.
+            if not OmegaConf.is_interpolation(node, key):
+                _check_finite(node[key], f"{where}.{key}")
+    elif OmegaConf.is_list(node):
+        for index in range(len(node)):
+            if not OmegaConf.is_interpolation(node, index):
+                _check_finite(node[index], f"{where}[{index}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise VizpipeError(f"invalid {where} {node}: it must be a finite number")
 
 
 def _validate_range(value: Any, key: str) -> None:
