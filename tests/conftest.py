@@ -33,12 +33,16 @@ def tiny_problem():
     return model, x, y
 
 
-def run_cli(args, cwd: Path, entry: str = "vizpipe", timeout: int = 600, env_extra=None):
-    """Run a vizpipe console entry point as a user would, in a fresh process."""
+def run_cli(args, cwd: Path, entry: str = "vizpipe", timeout: int = 600, env_extra=None, preexec_fn=None):
+    """Run a vizpipe console entry point as a user would, in a fresh process.
+
+    ``preexec_fn`` runs in the child before the entry point starts (to set a resource limit, say).
+    """
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update(env_extra or {})
     executable = Path(sys.executable).parent / entry
     return subprocess.run(
-        [str(executable), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [str(executable), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        preexec_fn=preexec_fn,
     )

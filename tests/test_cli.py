@@ -137,7 +137,7 @@ def test_unknown_layer_lists_valid_names(tmp_path):
          "analysis=[activation_maximization]", "analysis.activation_maximization.layers=[conv3]"],
         cwd=tmp_path,
     )
-    assert_clean_error(completed, "unknown layer 'conv3'", "conv1", "conv2")
+    assert_clean_error(completed, "unknown layer 'conv3'", "Closest valid names:", "conv1", "conv2")
 
 
 def test_channel_out_of_range(tmp_path):
@@ -147,7 +147,9 @@ def test_channel_out_of_range(tmp_path):
          "analysis.activation_maximization.channels=[3,16]"],
         cwd=tmp_path,
     )
-    assert_clean_error(completed, "[16] out of range", "'conv1'", "16 channels")
+    assert_clean_error(
+        completed, "[16] out of range", "'conv1'", "16 channels", "fix analysis.activation_maximization.channels"
+    )
     assert not (tmp_path / "run" / "checkpoint.pt").exists(), "the check must come before training"
 
 
@@ -171,8 +173,10 @@ def test_checkpoint_with_wrong_keys(tmp_path):
         cwd=tmp_path,
     )
     assert_clean_error(
-        completed, "does not fit SmallCNN", "missing keys: fc2.bias, fc2.weight", "unexpected keys: classifier.bias"
+        completed, "does not fit SmallCNN", "missing keys: fc2.bias, fc2.weight", "unexpected keys: classifier.bias",
+        "check that the model config matches the checkpoint",
     )
+    assert not (tmp_path / "run" / "results.h5").exists()
 
 
 def test_checkpoint_with_pickled_code_rejected(tmp_path):
@@ -189,7 +193,10 @@ def test_checkpoint_with_pickled_code_rejected(tmp_path):
          "weights.source=checkpoint", f"weights.checkpoint={checkpoint}", "analysis=[conv_kernels]"],
         cwd=tmp_path,
     )
-    assert_clean_error(completed, "rejected by weights_only loading")
+    assert_clean_error(
+        completed, f"checkpoint {checkpoint} was rejected by weights_only loading",
+        "Save only the weights with torch.save(model.state_dict(), path)",
+    )
     assert "code ran" not in completed.stdout
 
 

@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -67,7 +68,7 @@ from vizpipe.config import (
 from vizpipe.errors import VizpipeError, suggest
 from vizpipe.render import render_results, resolve_results_path
 from vizpipe.tracking import SweepInfo, Tracker, job_run_name
-from vizpipe.training import load_checkpoint, read_state_dict, train, weight_fingerprint
+from vizpipe.training import load_checkpoint, read_state_dict, save_state_dict, train, weight_fingerprint
 
 log = logging.getLogger("vizpipe")
 
@@ -122,6 +123,8 @@ def _check_known_keys(node: Any, schema: type, where: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check value ranges the schema's types cannot express; raise ``VizpipeError`` on the first bad one."""
     _check_known_keys(cfg, VizpipeConfig, "")
+    for section in ("analysis", "weights", "evaluation"):
+        _check_finite(cfg[section], section)
 
     def require(condition: bool, message: str) -> None:
         if not condition:
@@ -159,6 +162,21 @@ def validate(cfg: DictConfig) -> None:
             "(MLflow servers accept 500 since version 1.28 and 6000 since 2.8)")
     for fmt in cfg.figures.formats:
         require(fmt in ("png", "pdf", "svg"), f"invalid figure format {fmt!r} in figures.formats; use png, pdf or svg")
+
+
+def _check_finite(node: Any, where: str) -> None:
+    """Reject NaN and infinite numbers anywhere under ``node``: no option of an analysis takes them."""
+    if OmegaConf.is_dict(node):
+        for key in node.keys():
+            # Interpolations are left alone: ${hydra:...} resolves only inside a running job.
+            if not OmegaConf.is_interpolation(node, key):
+                _check_finite(node[key], f"{where}.{key}")
+    elif OmegaConf.is_list(node):
+        for index in range(len(node)):
+            if not OmegaConf.is_interpolation(node, index):
+                _check_finite(node[index], f"{where}[{index}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise VizpipeError(f"invalid {where} {node}: it must be a finite number")
 
 
 def _validate_range(value: Any, key: str) -> None:
@@ -344,9 +362,14 @@ def _instantiate(node: DictConfig, what: str) -> Any:
 
 
 def check_model_fits(model: nn.Module, dataset: ImageDataset, loss_fn, device: torch.device) -> None:
-    """Run two samples through the model and the loss so shape mismatches fail before any work."""
-    inputs = dataset.x_test[:2].to(device)
-    targets = dataset.y_test[:2].to(device)
+    """Run a few samples through the model and the loss so shape mismatches fail before any work.
+
+    The samples include those with the largest label of each split, so a
+    model with too few outputs for the dataset's classes fails here too.
+    """
+    inputs = torch.cat([dataset.x_test[:2], dataset.x_test[[int(dataset.y_test.argmax())]],
+                        dataset.x_train[[int(dataset.y_train.argmax())]]]).to(device)
+    targets = torch.cat([dataset.y_test[:2], dataset.y_test.max().view(1), dataset.y_train.max().view(1)]).to(device)
     was_training = model.training
     model.eval()
     try:
@@ -363,11 +386,18 @@ def check_model_fits(model: nn.Module, dataset: ImageDataset, loss_fn, device: t
         loss_fn(outputs, targets)
     except (RuntimeError, ValueError, IndexError) as error:
         raise VizpipeError(
-            f"model output of shape {list(outputs.shape)} does not fit the loss {type(loss_fn).__name__} for "
-            f"{dataset.num_classes} classes ({str(error).splitlines()[0]}); check model.class_number"
+            f"model output of shape {list(outputs.shape[1:])} per sample does not fit the loss "
+            f"{type(loss_fn).__name__} with labels up to {int(targets.max())} ({str(error).splitlines()[0]}); "
+            f"set model.class_number to {dataset.num_classes}, the dataset's class count, or fix the loss config"
         ) from error
-    if not torch.isfinite(dataset.x_test).all() or not torch.isfinite(dataset.x_train).all():
-        raise VizpipeError(f"dataset {dataset.name} contains NaN or infinite inputs; clean the data first")
+    for split in ("train", "test"):
+        images = dataset.split(split)[0]
+        bad = (~torch.isfinite(images.flatten(1))).any(dim=1).nonzero().flatten()
+        if len(bad):
+            raise VizpipeError(
+                f"dataset {dataset.name}: {len(bad)} {split} image(s) contain NaN or infinite values "
+                f"(first at index {int(bad[0])}); clean the data or fix the dataset's preprocessing"
+            )
 
 
 def check_layers(cfg: DictConfig, model: nn.Module, image_shape: list[int], device: torch.device) -> None:
@@ -375,7 +405,10 @@ def check_layers(cfg: DictConfig, model: nn.Module, image_shape: list[int], devi
     kernels = cfg.analysis.conv_kernels
     if kernels is not None and kernels.layers is not None:
         for name in kernels.layers:
-            find_layer(model, name, (nn.Conv2d,), "conv kernels")
+            try:
+                find_layer(model, name, (nn.Conv2d,), "conv kernels")
+            except VizpipeError as error:
+                raise VizpipeError(f"{error} Fix analysis.conv_kernels.layers, or set it to null for every Conv2d") from None
     elif kernels is not None and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         raise VizpipeError(
             f"{type(model).__name__} has no Conv2d layer to draw kernels of; drop conv_kernels from analysis=[...]"
@@ -415,7 +448,9 @@ def prepare_weights(
     cfg: DictConfig, model: nn.Module, dataset: ImageDataset, loss_fn, device, run_dir: Path, results_path: Path,
     resuming: bool = False,
 ) -> dict[str, float]:
-    """Initialize, load or train the model as ``cfg.weights`` specifies; return training metrics.
+    """Initialize or train the model as ``cfg.weights`` specifies; return training metrics.
+
+    A ``weights.source=checkpoint`` model is loaded earlier, by ``_run_steps``.
 
     When resuming a run folder whose training finished, the saved
     ``checkpoint.pt`` is loaded instead of training again. Under torchrun only
@@ -429,10 +464,7 @@ def prepare_weights(
 def _prepare_weights_on_rank(cfg, model, dataset, loss_fn, device, run_dir, results_path, resuming) -> dict[str, float]:
     weights = cfg.weights
     if weights.source == "checkpoint":
-        log.info("Loading checkpoint %s", weights.checkpoint)
-        load_checkpoint(model, weights.checkpoint)
-        model.to(device)
-        return {}
+        return {}  # loaded by _run_steps before results.h5 was created
     if weights.source == "random":
         log.info("Using the seeded random initialization (seed %d)", cfg.seed)
         return {}
@@ -455,7 +487,7 @@ def _prepare_weights_on_rank(cfg, model, dataset, loss_fn, device, run_dir, resu
         trajectory_dir.mkdir(exist_ok=True)
 
         def on_epoch_end(epoch: int, trained: nn.Module) -> None:
-            torch.save(trained.state_dict(), trajectory_dir / f"epoch_{epoch:03d}.pt")
+            save_state_dict(trained, trajectory_dir / f"epoch_{epoch:03d}.pt")
 
     history = train(
         model, dataset, loss_fn, weights.epochs, weights.lr, weights.batch_size,
@@ -467,7 +499,7 @@ def _prepare_weights_on_rank(cfg, model, dataset, loss_fn, device, run_dir, resu
         "test/accuracy": history.test_accuracy[-1],
     }
     if weights.save_checkpoint:
-        torch.save(model.state_dict(), checkpoint)
+        save_state_dict(model, checkpoint)
         log.info("Saved the trained weights to %s", checkpoint)
     store.write_group(
         results_path,
@@ -588,6 +620,16 @@ def _run_tracked_job(cfg: DictConfig, run_dir: Path, run_name: str | None, sweep
         status = "KILLED"
         log.error("Interrupted; finished analyses are kept in %s", results_path)
         raise
+    except OSError as error:
+        if error.errno not in store.NO_SPACE_ERRNOS:
+            tracker.record_error(error)
+            raise
+        no_space = VizpipeError(
+            f"writing {error.filename or run_dir} failed: {error.strerror} [errno {error.errno}]; free disk space "
+            f"and rerun the same command with hydra.run.dir={run_dir}: finished analyses are kept"
+        )
+        tracker.record_error(no_space)
+        raise no_space from error
     except Exception as error:
         tracker.record_error(error)
         raise
@@ -598,7 +640,11 @@ def _run_tracked_job(cfg: DictConfig, run_dir: Path, run_name: str | None, sweep
         summary.status = status
         summary.seconds = time.perf_counter() - started
         if distributed.is_main():
-            _write_job_record(run_dir / JOB_RECORD, summary, run_name)
+            try:
+                _write_job_record(run_dir / JOB_RECORD, summary, run_name)
+            except OSError as error:
+                # Raising here would hide the job's own error; the record only serves vizpipe-log.
+                log.error("Writing %s failed (%s); vizpipe-log will treat the job as failed", run_dir / JOB_RECORD, error)
     log.info("Job finished in %.1f s", summary.seconds)
     return summary
 
@@ -644,6 +690,11 @@ def _run_steps(cfg: DictConfig, run_dir: Path, results_path: Path, summary: JobS
     loss_fn = _instantiate(cfg.loss, "loss")
     check_model_fits(model, dataset, loss_fn, device)
     check_layers(cfg, model, dataset.image_shape, device)
+    if cfg.weights.source == "checkpoint":
+        # Loaded before results.h5 exists, so a bad checkpoint leaves nothing behind.
+        log.info("Loading checkpoint %s", cfg.weights.checkpoint)
+        load_checkpoint(model, cfg.weights.checkpoint)
+        model.to(device)
 
     # 2. Weights.
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)

@@ -10,9 +10,13 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
+import gc
 import os
+import re
+import resource
+import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +50,7 @@ def _attr_value(value: Any) -> Any:
 
 
 def create_results_file(path: str | Path, attrs: Mapping[str, Any]) -> Path:
-    """Create (or truncate) ``path`` and write the root attributes.
+    """Create (or replace) ``path`` and write the root attributes.
 
     ``schema_version``, ``vizpipe_version``, ``torch_version`` and ``created`` are
     added here; callers pass the resolved config, the weight fingerprint and
@@ -54,30 +58,36 @@ def create_results_file(path: str | Path, attrs: Mapping[str, Any]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # libver="latest" lets a long analysis switch the file to SWMR mode, so
-    # vizpipe-figures can read it while the job is still writing.
-    with h5py.File(path, "w", libver="latest") as handle:
+
+    def fill(handle: h5py.File) -> None:
         handle.attrs["schema_version"] = SCHEMA_VERSION
         handle.attrs["vizpipe_version"] = __version__
         handle.attrs["torch_version"] = str(torch.__version__)
         handle.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         for key, value in attrs.items():
             handle.attrs[key] = _attr_value(value)
+
+    _update_file(path, fill, new=True, added_bytes=_size_estimate(attrs))
     return path
 
 
 def write_root_attrs(path: str | Path, attrs: Mapping[str, Any]) -> None:
-    with h5py.File(path, "a", libver="latest") as handle:
+    def fill(handle: h5py.File) -> None:
         for key, value in attrs.items():
             handle.attrs[key] = _attr_value(value)
+
+    _update_file(Path(path), fill, added_bytes=_size_estimate(attrs))
 
 
 def write_group_attrs(path: str | Path, group: str, attrs: Mapping[str, Any]) -> None:
     """Set attributes on ``group``, creating the group if it does not exist."""
-    with h5py.File(path, "a", libver="latest") as handle:
+
+    def fill(handle: h5py.File) -> None:
         node = handle.require_group(group)
         for key, value in attrs.items():
             node.attrs[key] = _attr_value(value)
+
+    _update_file(Path(path), fill, added_bytes=_size_estimate(attrs))
 
 
 def write_group(
@@ -90,21 +100,151 @@ def write_group(
 
     ``group`` may be nested (``"activation_maximization/conv1"``); an existing
     group of that name is replaced, so a rerun of one analysis overwrites only
-    its own group. A nested mapping in ``datasets`` becomes a subgroup.
+    its own group. A nested mapping in ``datasets`` becomes a subgroup. Names
+    must not contain '/' (``ValueError``); use a nested mapping instead.
     """
-    with h5py.File(path, "a", libver="latest") as handle:
+    arrays = _to_arrays(datasets)
+
+    def fill(handle: h5py.File) -> None:
         if group in handle:
             del handle[group]
         node = handle.create_group(group)
-        _write_datasets(node, datasets)
+        _write_datasets(node, arrays)
         for key, value in (attrs or {}).items():
             node.attrs[key] = _attr_value(value)
+
+    _update_file(Path(path), fill, added_bytes=_size_estimate(arrays) + _size_estimate(attrs or {}))
+
+
+def _to_arrays(datasets: Mapping[str, Any]) -> dict[str, Any]:
+    """Convert every value to a numpy array (nested mappings stay mappings) and check the names."""
+    arrays = {}
+    for name, value in datasets.items():
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"dataset name {name!r} is invalid: it must be non-empty and must not contain '/'")
+        arrays[name] = _to_arrays(value) if isinstance(value, Mapping) else _to_numpy(value)
+    return arrays
+
+
+# Bytes of HDF5 metadata counted per group, dataset or attribute in the space
+# check: object headers take a few hundred bytes, a chunk index a few kB.
+_OBJECT_OVERHEAD = 4096
+# Bytes counted on top of every update (free-space lists, heap growth).
+_UPDATE_OVERHEAD = 65536
+
+
+def _size_estimate(values: Mapping[str, Any]) -> int:
+    """Return an upper estimate of the bytes that writing ``values`` adds to a file."""
+    total = 0
+    for value in values.values():
+        total += _OBJECT_OVERHEAD
+        if isinstance(value, Mapping):
+            total += _size_estimate(value)
+            continue
+        array = _to_numpy(value) if not isinstance(value, str) else np.asarray(value)
+        if array.dtype.kind == "O":
+            total += sum(len(str(item).encode()) + 16 for item in array.reshape(-1).tolist())
+        else:
+            # gzip can make incompressible data slightly larger.
+            total += int(array.nbytes * 1.01)
+    return total
+
+
+# errno values of a full disk, a file-size limit (RLIMIT_FSIZE) and a full quota.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _update_file(path: Path, fill: Callable[[h5py.File], None], added_bytes: int, new: bool = False) -> None:
+    """Run ``fill`` on a copy of ``path`` (a new file when ``new``), then move the copy over ``path``.
+
+    ``path`` changes only when every write succeeded, so a full disk or a
+    process killed mid-write leaves the previous content readable. Before
+    anything is written, the space for the copy plus ``added_bytes`` is checked
+    against the free disk space and the file-size limit. A failed write raises
+    ``OSError`` naming ``path``, with ``errno`` set when the system reports one.
+    """
+    # NOTE: each update reads and writes the whole file once more; for results
+    # files of hundreds of MB (ResNet-50 landscape directions) that is seconds per write.
+    temporary = path.with_name(path.name + ".writing")
+    current = 0 if new else path.stat().st_size
+    _check_space(path, current, current + added_bytes + _UPDATE_OVERHEAD)
+    try:
+        if not new:
+            shutil.copyfile(path, temporary)
+        failure = _fill_and_close(temporary, "w" if new else "a", fill, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise _write_error(error, path) from error
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    if failure is not None:
+        temporary.unlink(missing_ok=True)
+        raise failure
+    os.replace(temporary, path)
+
+
+def _check_space(path: Path, current: int, needed: int) -> None:
+    """Raise OSError (EFBIG or ENOSPC) when a copy of ``path`` grown to ``needed`` bytes would not fit.
+
+    HDF5 2.0 can crash the process when it closes a file after a failed
+    write, so a write that cannot fit is stopped here instead.
+    """
+    # NOTE: the check races with other processes that fill the same disk, and
+    # ``needed`` is an estimate; a write that fails anyway takes the crash-prone path.
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and needed > limit:
+        message = f"{os.strerror(errno.EFBIG)} (about {_megabytes(needed)} needed, the file-size limit is {_megabytes(limit)})"
+        raise OSError(errno.EFBIG, message, str(path))
+    usage = shutil.disk_usage(path.parent)
+    # The copy is written next to the file, so the disk needs the whole new size.
+    if needed > usage.free:
+        message = f"{os.strerror(errno.ENOSPC)} (about {_megabytes(needed)} needed, {_megabytes(usage.free)} free)"
+        raise OSError(errno.ENOSPC, message, str(path))
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.2f} MB"
+
+
+def _fill_and_close(temporary: Path, mode: str, fill: Callable[[h5py.File], None], path: Path) -> OSError | None:
+    """Open ``temporary``, run ``fill`` and close it; return the write error (naming ``path``), or None."""
+    handle = h5py.File(temporary, mode, libver="latest")
+    try:
+        fill(handle)
+    except (OSError, RuntimeError) as error:
+        # h5py raises these when a write fails. Only the message is kept: the
+        # traceback keeps the failed datasets open, and with HDF5 2.0 closing a
+        # file after a failed write while its objects are open crashes the process.
+        failure = _write_error(error, path)
+    except BaseException:
+        handle.close()
+        raise
+    else:
+        handle.close()
+        return None
+    gc.collect()
+    try:
+        handle.close()
+    except (OSError, RuntimeError):
+        pass  # the copy is deleted; the error that matters is ``failure``
+    return failure
+
+
+def _write_error(error: BaseException, path: Path) -> OSError:
+    """Return an OSError naming ``path`` with the errno that ``error`` carries (h5py puts it in the message)."""
+    code = getattr(error, "errno", None)
+    if not code:
+        found = re.search(r"errno = (\d+)", str(error))
+        code = int(found.group(1)) if found else None
+    if code:
+        return OSError(code, os.strerror(code), str(path))
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return OSError(f"writing {path} failed: {first_line}")
 
 
 def _write_datasets(node: h5py.Group, datasets: Mapping[str, Any]) -> None:
     for name, value in datasets.items():
-        if "/" in name:
-            raise ValueError(f"dataset name {name!r} must not contain '/'")
         if isinstance(value, Mapping):
             _write_datasets(node.create_group(name), value)
             continue

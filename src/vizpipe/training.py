@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import os
 import pickle
 import re
 import zipfile
@@ -165,6 +167,27 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
 def _short_list(items: list[str], limit: int = 4) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def save_state_dict(model: nn.Module, path: str | Path) -> None:
+    """Write ``model.state_dict()`` to ``path`` with ``torch.save``, replacing the file only once fully written.
+
+    A failed write (a full disk, say) raises ``OSError`` with ``errno`` and
+    ``filename`` set and leaves an existing ``path`` as it was.
+    """
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    temporary = path.with_name(path.name + ".writing")
+    try:
+        temporary.write_bytes(buffer.getbuffer())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from error
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def weight_fingerprint(model: nn.Module) -> str:
