@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import h5py
+import mlflow
 import numpy as np
 import pytest
 
@@ -40,7 +41,9 @@ def test_killed_landscape_resumes_to_identical_values(tmp_path):
 
     run_dir = tmp_path / "killed"
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
-    command = [str(Path(sys.executable).parent / "vizpipe"), f"hydra.run.dir={run_dir}", *LANDSCAPE]
+    env.pop("MLFLOW_TRACKING_URI", None)
+    tracked = [*LANDSCAPE, "tracking.enabled=true", f"output_root={tmp_path}/outputs"]
+    command = [str(Path(sys.executable).parent / "vizpipe"), f"hydra.run.dir={run_dir}", *tracked]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while done_points(run_dir / "results.h5") < 20 and time.monotonic() < deadline and process.poll() is None:
@@ -51,9 +54,17 @@ def test_killed_landscape_resumes_to_identical_values(tmp_path):
     partial = done_points(run_dir / "results.h5")
     assert 20 <= partial < 225
 
-    resumed = run_cli([f"hydra.run.dir={run_dir}", *LANDSCAPE], cwd=tmp_path)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vizpipe").experiment_id
+    (killed_run,) = client.search_runs([experiment])
+    assert killed_run.info.status == "RUNNING", "SIGKILL cannot end the run"
+
+    resumed = run_cli([f"hydra.run.dir={run_dir}", *tracked], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming the landscape" in resumed.stdout + resumed.stderr
+    statuses = {run.info.run_id: run.info.status for run in client.search_runs([experiment])}
+    assert statuses.pop(killed_run.info.run_id) == "KILLED", "the rerun ends the killed job's run"
+    assert list(statuses.values()) == ["FINISHED"]
     with h5py.File(tmp_path / "reference" / "results.h5") as first, h5py.File(run_dir / "results.h5") as second:
         np.testing.assert_array_equal(first["landscape/loss"][()], second["landscape/loss"][()])
         np.testing.assert_array_equal(first["landscape/accuracy"][()], second["landscape/accuracy"][()])

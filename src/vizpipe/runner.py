@@ -611,6 +611,7 @@ def _run_tracked_job(cfg: DictConfig, run_dir: Path, run_name: str | None, sweep
     run_name = cfg.tracking.run_name or run_name or job_run_name(analyses, [])
     tags = {"vizpipe.run_dir": str(run_dir.resolve()), "vizpipe.host": f"{socket.gethostname()}:{os.getpid()}"}
     tracker.start(run_name, _config_params(cfg), tags, sweep)
+    tracker.end_stale_runs()
     summary = JobSummary(run_dir=run_dir, results_path=results_path, tracking_uri=tracker.uri, run_id=tracker.run_id)
     status = "FAILED"
     try:

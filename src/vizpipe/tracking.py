@@ -369,6 +369,34 @@ class Tracker:
         elif path.is_file():
             self._guard("log_artifact", self._client.log_artifact, self.run_id, str(path), artifact_path)
 
+    def end_stale_runs(self) -> list[str]:
+        """End as KILLED the earlier runs of this run folder that are still RUNNING; return their ids.
+
+        A job killed by SIGKILL or a power cut cannot end its run. The caller
+        holds the run folder's lock, so no other job of this folder is running
+        and a RUNNING run of it is such a leftover.
+        """
+        if self.run_id is None or self.run_dir is None or not self.enabled:
+            return []
+        try:
+            # The folder is compared here, not in the filter string, because
+            # MLflow's filter strings have no escape for a quote inside a value.
+            running = self._client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'")
+            ended = []
+            for run in running:
+                if run.info.run_id == self.run_id or run.data.tags.get("vizpipe.run_dir") != str(self.run_dir):
+                    continue
+                self._client.set_tag(run.info.run_id, "vizpipe.error", "the job ended without closing its run (killed)")
+                self._client.set_terminated(run.info.run_id, "KILLED")
+                ended.append(run.info.run_id)
+        except Exception as error:  # noqa: BLE001 - a failed cleanup must not end tracking of this job
+            log.warning("MLflow: could not check for runs left RUNNING in %s (%s: %s)", self.run_dir, type(error).__name__, error)
+            return []
+        if ended:
+            log.warning("MLflow: ended %d run(s) of %s left RUNNING by a killed job as KILLED: %s",
+                        len(ended), self.run_dir, ", ".join(ended))
+        return ended
+
     def end(self, status: str = "FINISHED", sweep: SweepInfo | None = None) -> None:
         """End the run with ``FINISHED``, ``FAILED`` or ``KILLED``, and update the sweep's parent run."""
         if self.run_id is None:
