@@ -31,8 +31,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # MLflow 2.8 and later accept parameter values of up to 6,000 characters, MLflow
-# 1.28 to 2.7 accept 500; every version takes at most 100 parameters per
-# log_batch call.
+# 1.28 to 2.7 accept 500. A log_batch call takes at most 100 parameters.
 MAX_PARAM_LENGTH = 6000
 PARAM_BATCH_SIZE = 100
 METRIC_BATCH_SIZE = 1000
