@@ -66,15 +66,31 @@ def create_results_file(path: str | Path, attrs: Mapping[str, Any]) -> Path:
     return path
 
 
+def _is_lock_error(error: OSError) -> bool:
+    return "unable to lock file" in str(error) or getattr(error, "errno", None) == errno.EAGAIN
+
+
+def _open_for_writing(path: str | Path, attempts: int = 20) -> h5py.File:
+    """Open ``path`` for appending; retry for a few seconds while a reader (``vizpipe-figures``, say) holds the lock."""
+    for attempt in range(attempts):
+        try:
+            return h5py.File(path, "a", libver="latest")
+        except OSError as error:
+            if not _is_lock_error(error) or attempt == attempts - 1:
+                raise
+            time.sleep(0.25)
+    raise AssertionError("unreachable")
+
+
 def write_root_attrs(path: str | Path, attrs: Mapping[str, Any]) -> None:
-    with h5py.File(path, "a", libver="latest") as handle:
+    with _open_for_writing(path) as handle:
         for key, value in attrs.items():
             handle.attrs[key] = _attr_value(value)
 
 
 def write_group_attrs(path: str | Path, group: str, attrs: Mapping[str, Any]) -> None:
     """Set attributes on ``group``, creating the group if it does not exist."""
-    with h5py.File(path, "a", libver="latest") as handle:
+    with _open_for_writing(path) as handle:
         node = handle.require_group(group)
         for key, value in attrs.items():
             node.attrs[key] = _attr_value(value)
@@ -92,7 +108,7 @@ def write_group(
     group of that name is replaced, so a rerun of one analysis overwrites only
     its own group. A nested mapping in ``datasets`` becomes a subgroup.
     """
-    with h5py.File(path, "a", libver="latest") as handle:
+    with _open_for_writing(path) as handle:
         if group in handle:
             del handle[group]
         node = handle.create_group(group)
@@ -160,8 +176,7 @@ def _open_for_reading(path: Path, attempts: int = 20) -> h5py.File:
         try:
             return h5py.File(path, "r", swmr=True)
         except OSError as error:
-            locked = "unable to lock file" in str(error) or getattr(error, "errno", None) == errno.EAGAIN
-            if not locked or attempt == attempts - 1:
+            if not _is_lock_error(error) or attempt == attempts - 1:
                 raise
             time.sleep(0.25)
     raise AssertionError("unreachable")
