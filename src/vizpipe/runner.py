@@ -873,6 +873,13 @@ def _run_hessian(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_
 
 
 def _run_activation_maximization(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path) -> dict[str, float]:
+    """Optimize the images of each layer in turn; a resumed job skips the layers whose group is complete.
+
+    A layer's group gets ``complete=True`` and its metrics in a second write
+    after the group itself is written and closed, so a group that a killed job
+    left behind without that attribute is recomputed. Every layer starts from
+    the same seed, so its images do not depend on which layers ran before.
+    """
     metrics = {}
     channels = parse_channels(options.channels)
     color_correlation = None
@@ -881,6 +888,12 @@ def _run_activation_maximization(options, cfg, model, dataset, loss_fn, x_eval, 
         std = torch.tensor(dataset.std).view(1, -1, 1, 1)
         color_correlation = color_correlation_sqrt(dataset.x_train[:2048] * std + mean)
     for layer in activation_maximization_layers(options, model):
+        group = f"activation_maximization/{layer}"
+        stored = finished_metrics(results_path, group)
+        if stored is not None:
+            log.info("Skipping activation maximization of %s: its group is already complete in %s", layer, results_path)
+            metrics.update(stored)
+            continue
         result = activation_maximization(
             model, layer, dataset.image_shape, channels=channels, iterations=options.iterations, lr=options.lr,
             objective=options.objective, position=None if options.position is None else list(options.position),
@@ -894,12 +907,14 @@ def _run_activation_maximization(options, cfg, model, dataset, loss_fn, x_eval, 
             init_std=options.init_std, clamp=options.clamp, frame_every=options.frame_every,
             batch_size=options.batch_size, seed=cfg.seed, compile=options.compile, progress=cfg.progress,
         )
+        layer_metrics = records.activation_maximization_metrics(result)
         store.write_group(results_path, *records.activation_maximization_record(result))
+        store.write_group_attrs(results_path, group, {"complete": True, "metrics_json": json.dumps(layer_metrics)})
         log.info(
             "Activation maximization %s: %d images, mean activation %.3g -> %.3g",
             layer, len(result.channels), float(result.start_activations.mean()), float(result.final_activations.mean()),
         )
-        metrics.update(records.activation_maximization_metrics(result))
+        metrics.update(layer_metrics)
     return metrics
 
 
