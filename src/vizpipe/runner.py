@@ -65,6 +65,7 @@ from vizpipe.config import (
 )
 from vizpipe.errors import VizpipeError, suggest
 from vizpipe.render import render_results, resolve_results_path
+from vizpipe.render.activation_maximization import grid_figure_stem
 from vizpipe.tracking import SweepInfo, Tracker, job_run_name
 from vizpipe.training import load_checkpoint, read_state_dict, train, weight_fingerprint
 
@@ -678,6 +679,11 @@ def _run_steps(cfg: DictConfig, run_dir: Path, results_path: Path, summary: JobS
     tracker.log_artifact(results_path)
     tracker.log_artifact(run_dir / "figures", "figures")
     tracker.log_artifact(run_dir / ".hydra", ".hydra")
+    am = cfg.analysis.activation_maximization
+    if am is not None and cfg.figures.enabled:
+        # The grids again through MLflow's image API, which the UI shows as images rather than files.
+        for layer in activation_maximization_layers(am, model):
+            tracker.log_image(run_dir / "figures" / f"{grid_figure_stem(layer)}.png", f"activation_maximization/{layer}")
 
 
 def _render(results_path: Path, figures_dir: Path, formats: list[str]) -> list[Path]:
