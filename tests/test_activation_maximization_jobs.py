@@ -29,7 +29,7 @@ SWEEP = [
 
 
 def complete_layers(path: Path) -> list[str]:
-    """Layers whose group has ``complete=True``; empty while the writer holds the file or it does not exist."""
+    """Return the layers whose group has ``complete=True``, or none while the job has the file open or before it exists."""
     try:
         with h5py.File(path, "r", swmr=True) as handle:
             if "activation_maximization" not in handle:
@@ -117,7 +117,7 @@ def test_half_written_layer_group_is_recomputed(tmp_path, reference):
         assert handle["activation_maximization/conv2"].attrs["complete"]
 
 
-def test_dead_channel_reported_in_file_log_mlflow_and_figure(tmp_path):
+def test_job_reports_dead_channels(tmp_path):
     torch.manual_seed(0)
     model = SmallCNN(input_channel=1, class_number=10)
     with torch.no_grad():

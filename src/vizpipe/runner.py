@@ -879,7 +879,7 @@ def _run_hessian(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_
 
 
 def _run_activation_maximization(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path) -> dict[str, float]:
-    """Optimize the images of each layer in turn; a resumed job skips the layers whose group is complete.
+    """Optimize the images of each layer in turn, skipping the layers whose group is already complete.
 
     A layer's group gets ``complete=True`` and its metrics in a second write
     after the group itself is written and closed, so a group that a killed job

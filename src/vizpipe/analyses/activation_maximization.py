@@ -183,11 +183,11 @@ def activation_maximization(
             also seeded with it for the duration (and restored afterwards), so a model
             that draws random numbers in its forward pass gives the same images for a
             layer whatever ran before in the process.
-        compile: run the model cut at the layer through ``torch.compile``. It adds a
-            compilation of tens of seconds on a 2-core CPU per layer, and again for a
-            last chunk of another batch size. The images match eager mode to about 1e-5
-            (floating-point reordering), not bitwise. NOTE: its per-step gain is not yet
-            recorded by ``scripts/bench_am.py``, so it is off by default.
+        compile: run the model cut at the layer through ``torch.compile``. It adds
+            compilations of tens of seconds on a 2-core CPU per layer (for the steps, the
+            final evaluation without gradients and a smaller last chunk). The images equal
+            eager mode's up to floating-point reordering. NOTE: its per-step gain is not
+            yet recorded by ``scripts/bench_am.py``, so it is off by default.
         channels_last: channels-last memory format for 4D inputs and weights; default
             on for CPU, where oneDNN convolutions run faster with it.
         progress: show a tqdm progress bar.
@@ -304,7 +304,7 @@ def activation_maximization(
 
 @contextmanager
 def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's global generators (CPU, and ``device`` if it is a GPU) for the block; restore them afterwards."""
+    """Seed torch's global generators (CPU, and ``device`` if it is a GPU) for the block, and restore them afterwards."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield

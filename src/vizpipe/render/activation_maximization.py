@@ -61,7 +61,7 @@ def grid_figure_stem(layer: str) -> str:
 
 
 def _final_grid(group: dict, layer: str, out: Path, formats) -> list[Path]:
-    """Draw the final images in a grid; a dead image is a grey tile labelled "dead" instead of its noise."""
+    """Draw the final images in a grid, with a grey tile labelled "dead" in place of each dead image."""
     images = np.asarray(group["display_images"], dtype=np.float32)
     channels = np.asarray(group["channels"])
     activations = np.asarray(group["activations"])
