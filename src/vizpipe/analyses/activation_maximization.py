@@ -304,8 +304,9 @@ def activation_maximization(
 
 @contextmanager
 def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's global generators (CPU, and ``device`` if it is a GPU) for the block, and restore them afterwards."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    """Seed torch's global generators (CPU, and every GPU when ``device`` is one) for the block, and restore them afterwards."""
+    gpus = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(seed)
         yield
 
