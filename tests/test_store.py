@@ -44,3 +44,30 @@ def test_foreign_and_damaged_files_rejected(tmp_path):
         store.read_results(garbage)
     with pytest.raises(VizpipeError, match="not found"):
         store.read_results(tmp_path / "missing.h5")
+
+
+def test_write_waits_for_reader_lock(tmp_path):
+    import subprocess
+    import sys
+
+    path = store.create_results_file(tmp_path / "results.h5", {})
+    reader = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time, h5py\n"
+         f"handle = h5py.File({str(path)!r}, 'r', swmr=True)\n"
+         "print('open', flush=True)\n"
+         "time.sleep(1.0)\n"
+         "handle.close()\n"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        with pytest.raises(BlockingIOError):  # what a writer without retries gets
+            h5py.File(path, "a", libver="latest")
+        store.write_group(path, "analysis", {"values": torch.arange(3)}, {"complete": True})
+    finally:
+        reader.wait(timeout=30)
+    assert reader.returncode == 0
+    with h5py.File(path, "r") as handle:
+        assert handle["analysis/values"][()].tolist() == [0, 1, 2]
+        assert handle["analysis"].attrs["complete"]

@@ -114,12 +114,14 @@ def test_child_metric_names_line_up(am_sweep):
     for run in finished:
         layer = run.data.params["analysis.activation_maximization.layers"][2:-2]
         names = set(run.data.metrics)
-        means = {
+        per_layer = {
             f"activation_maximization/{layer}/mean_final_activation",
             f"activation_maximization/{layer}/mean_start_activation",
+            f"activation_maximization/{layer}/dead_channels",
         }
-        assert means <= names
-        per_channel = names - means
+        assert per_layer <= names
+        assert run.data.metrics[f"activation_maximization/{layer}/dead_channels"] == 0
+        per_channel = names - per_layer
         assert per_channel, "each channel's final activation is logged"
         assert all(re.fullmatch(rf"activation_maximization/{layer}/final_activation/\d+", name) for name in per_channel)
 

@@ -172,6 +172,28 @@ def test_old_server_limit_shortens_and_retries(old_limit_mlflow_server, tmp_path
     assert "hessian/eigenvalue/conv1.weight" in run.data.metrics
 
 
+def test_image_logged_under_sanitized_key(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (12, 8), (200, 10, 10)).save(tmp_path / "grid.png")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(True, uri, "images", tmp_path)
+    tracker.start("images", {})
+    tracker.log_image(tmp_path / "grid.png", "activation_maximization/block[0]:conv")
+    tracker.log_image(tmp_path / "missing.png", "activation_maximization/missing")
+    tracker.end()
+    assert tracker.enabled
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    paths = [item.path for item in client.list_artifacts(tracker.run_id, "images")]
+    assert len(paths) == 2, paths  # the PNG and its compressed copy; the missing file is skipped
+    png = next(path for path in paths if path.endswith(".png"))
+    assert png.startswith("images/activation_maximization~block_0__conv+step+0+")
+    local = client.download_artifacts(tracker.run_id, png, str(tmp_path / "download"))
+    with Image.open(local) as image:
+        assert image.size == (12, 8)
+        assert image.getpixel((0, 0)) == (200, 10, 10)
+
+
 @pytest.mark.slow
 def test_job_logs_to_real_server(mlflow_server, tmp_path):
     completed = run_cli(

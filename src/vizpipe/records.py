@@ -18,6 +18,7 @@ from vizpipe.analyses import (
     HessianResult,
     LandscapeResult,
 )
+from vizpipe.analyses.activation_maximization import dead_channels
 from vizpipe.analyses.directions import Directions
 from vizpipe.analyses.hessian_spectrum import SpectralDensity, TopEigenvalues, TraceEstimate
 
@@ -137,6 +138,7 @@ def hessian_records(
 
 
 def activation_maximization_record(result: ActivationMaximizationResult) -> Record:
+    """Build one layer's group without the ``complete`` attribute, which the caller sets once the group is written."""
     datasets = {
         "channels": torch.tensor(result.channels, dtype=torch.int64),
         "images": result.images,
@@ -146,6 +148,7 @@ def activation_maximization_record(result: ActivationMaximizationResult) -> Reco
         "history": result.history,
         "frames": result.frames,
         "frame_iterations": torch.tensor(result.frame_iterations, dtype=torch.int64),
+        "dead": result.dead.to(torch.bool),
     }
     attrs = {"layer": result.layer, **result.settings}
     return f"activation_maximization/{result.layer}", datasets, attrs
@@ -211,11 +214,12 @@ def hessian_metrics(
 
 
 def activation_maximization_metrics(result: ActivationMaximizationResult) -> dict[str, float]:
-    """Per-layer means and each channel's final activation (the mean over its images)."""
+    """Per-layer means, the number of dead channels and each channel's final activation (the mean over its images)."""
     layer = result.layer
     metrics = {
         f"activation_maximization/{layer}/mean_final_activation": float(result.final_activations.mean()),
         f"activation_maximization/{layer}/mean_start_activation": float(result.start_activations.mean()),
+        f"activation_maximization/{layer}/dead_channels": float(len(dead_channels(result.channels, result.dead))),
     }
     channels = torch.tensor(result.channels)
     for channel in dict.fromkeys(result.channels):

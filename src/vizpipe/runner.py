@@ -67,6 +67,7 @@ from vizpipe.config import (
 )
 from vizpipe.errors import VizpipeError, suggest
 from vizpipe.render import render_results, resolve_results_path
+from vizpipe.render.activation_maximization import grid_figure_stem
 from vizpipe.tracking import SweepInfo, Tracker, job_run_name
 from vizpipe.training import load_checkpoint, read_state_dict, save_state_dict, train, weight_fingerprint
 
@@ -738,6 +739,11 @@ def _run_steps(cfg: DictConfig, run_dir: Path, results_path: Path, summary: JobS
     tracker.log_artifact(results_path)
     tracker.log_artifact(run_dir / "figures", "figures")
     tracker.log_artifact(run_dir / ".hydra", ".hydra")
+    am = cfg.analysis.activation_maximization
+    if am is not None and cfg.figures.enabled:
+        # The grids again through MLflow's image API, which the UI shows as images rather than files.
+        for layer in activation_maximization_layers(am, model):
+            tracker.log_image(run_dir / "figures" / f"{grid_figure_stem(layer)}.png", f"activation_maximization/{layer}")
 
 
 def _render(results_path: Path, figures_dir: Path, formats: list[str]) -> list[Path]:
@@ -933,6 +939,13 @@ def _run_hessian(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_
 
 
 def _run_activation_maximization(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_path) -> dict[str, float]:
+    """Optimize the images of each layer in turn, skipping the layers whose group is already complete.
+
+    A layer's group gets ``complete=True`` and its metrics in a second write
+    after the group itself is written and closed, so a group that a killed job
+    left behind without that attribute is recomputed. Every layer starts from
+    the same seed, so its images do not depend on which layers ran before.
+    """
     metrics = {}
     channels = parse_channels(options.channels)
     color_correlation = None
@@ -941,6 +954,12 @@ def _run_activation_maximization(options, cfg, model, dataset, loss_fn, x_eval, 
         std = torch.tensor(dataset.std).view(1, -1, 1, 1)
         color_correlation = color_correlation_sqrt(dataset.x_train[:2048] * std + mean)
     for layer in activation_maximization_layers(options, model):
+        group = f"activation_maximization/{layer}"
+        stored = finished_metrics(results_path, group)
+        if stored is not None:
+            log.info("Skipping activation maximization of %s: its group is already complete in %s", layer, results_path)
+            metrics.update(stored)
+            continue
         result = activation_maximization(
             model, layer, dataset.image_shape, channels=channels, iterations=options.iterations, lr=options.lr,
             objective=options.objective, position=None if options.position is None else list(options.position),
@@ -954,12 +973,14 @@ def _run_activation_maximization(options, cfg, model, dataset, loss_fn, x_eval, 
             init_std=options.init_std, clamp=options.clamp, frame_every=options.frame_every,
             batch_size=options.batch_size, seed=cfg.seed, compile=options.compile, progress=cfg.progress,
         )
+        layer_metrics = records.activation_maximization_metrics(result)
         store.write_group(results_path, *records.activation_maximization_record(result))
+        store.write_group_attrs(results_path, group, {"complete": True, "metrics_json": json.dumps(layer_metrics)})
         log.info(
             "Activation maximization %s: %d images, mean activation %.3g -> %.3g",
             layer, len(result.channels), float(result.start_activations.mean()), float(result.final_activations.mean()),
         )
-        metrics.update(records.activation_maximization_metrics(result))
+        metrics.update(layer_metrics)
     return metrics
 
 

@@ -71,6 +71,22 @@ def create_results_file(path: str | Path, attrs: Mapping[str, Any]) -> Path:
     return path
 
 
+def _is_lock_error(error: OSError) -> bool:
+    return "unable to lock file" in str(error) or getattr(error, "errno", None) == errno.EAGAIN
+
+
+def _open_for_writing(path: str | Path, attempts: int = 20) -> h5py.File:
+    """Open ``path`` for appending; retry for a few seconds while a reader (``vizpipe-figures``, say) holds the lock."""
+    for attempt in range(attempts):
+        try:
+            return h5py.File(path, "a", libver="latest")
+        except OSError as error:
+            if not _is_lock_error(error) or attempt == attempts - 1:
+                raise
+            time.sleep(0.25)
+    raise AssertionError("unreachable")
+
+
 def write_root_attrs(path: str | Path, attrs: Mapping[str, Any]) -> None:
     def fill(handle: h5py.File) -> None:
         for key, value in attrs.items():
@@ -300,8 +316,7 @@ def _open_for_reading(path: Path, attempts: int = 20) -> h5py.File:
         try:
             return h5py.File(path, "r", swmr=True)
         except OSError as error:
-            locked = "unable to lock file" in str(error) or getattr(error, "errno", None) == errno.EAGAIN
-            if not locked or attempt == attempts - 1:
+            if not _is_lock_error(error) or attempt == attempts - 1:
                 raise
             time.sleep(0.25)
     raise AssertionError("unreachable")
@@ -328,7 +343,7 @@ def recover_after_crash(path: str | Path) -> bool:
     """
     path = Path(path)
     try:
-        with h5py.File(path, "a", libver="latest"):
+        with _open_for_writing(path):
             return False
     except OSError as error:
         if "already open for write" not in str(error):
@@ -372,7 +387,7 @@ class PointWriter:
         return self
 
     def _open(self) -> None:
-        self._handle = h5py.File(self.path, "a", libver="latest")
+        self._handle = _open_for_writing(self.path)
         node = self._handle[self.group]
         self._loss, self._accuracy, self._done = node["loss"], node["accuracy"], node["done"]
         self._handle.swmr_mode = True

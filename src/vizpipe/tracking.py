@@ -396,6 +396,22 @@ class Tracker:
                         len(ended), self.run_dir, ", ".join(ended))
         return ended
 
+    def log_image(self, path: str | Path, key: str, step: int = 0) -> None:
+        """Log the image file ``path`` under ``key`` with MLflow's image API, so the UI shows it in its image view.
+
+        MLflow stores it as ``images/<key with / as ~>+step+...png`` plus a
+        compressed copy. Characters that an image key cannot contain become ``_``.
+        """
+        if self.run_id is None or not Path(path).is_file():
+            return
+        self._guard("log_image", self._log_image, Path(path), re.sub(r"[^A-Za-z0-9_\-./ ]", "_", key), step)
+
+    def _log_image(self, path: Path, key: str, step: int) -> None:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self._client.log_image(self.run_id, image.convert("RGB"), key=key, step=step, synchronous=True)
+
     def end(self, status: str = "FINISHED", sweep: SweepInfo | None = None) -> None:
         """End the run with ``FINISHED``, ``FAILED`` or ``KILLED``, and update the sweep's parent run."""
         if self.run_id is None:

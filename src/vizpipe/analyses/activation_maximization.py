@@ -15,8 +15,9 @@ in-place regularizers) and ``am.forward`` (the model cut at the layer).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -36,12 +37,15 @@ from vizpipe.analyses.am.parameterizations import PARAMETERIZATIONS, FourierImag
 from vizpipe.analyses.modules import find_layer
 from vizpipe.errors import VizpipeError
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "ActivationMaximizationResult",
     "activation_maximization",
     "capture_output",
     "channel_activation",
     "count_channels",
+    "dead_channels",
     "frozen_eval",
     "layer_output",
     "total_variation",
@@ -61,6 +65,9 @@ class ActivationMaximizationResult:
     ``history[k, i]`` is image ``i``'s activation before step ``k + 1``, and its
     last row is after the last step, on the untransformed image. ``frames``
     [n_frames, N, C, H, W] are uint8 pixel snapshots taken at ``frame_iterations``.
+    ``dead[i]`` is True when the objective's gradient with respect to the model
+    input was exactly zero for image ``i`` at every step, so nothing but the
+    regularizers moved it (a ReLU that never fires, a filter of zeros).
     """
 
     layer: str
@@ -72,6 +79,7 @@ class ActivationMaximizationResult:
     history: torch.Tensor
     frames: torch.Tensor
     frame_iterations: list[int]
+    dead: torch.Tensor
     settings: dict = field(default_factory=dict)
 
 
@@ -171,13 +179,21 @@ def activation_maximization(
         frame_every: keep a frame every this many steps (and the first and last).
         batch_size: images optimized together per chunk (at least one channel's K images).
         seed: fixes start images and random transforms; an image starts and moves the
-            same whichever other channels are selected.
-        compile: run the model cut at the layer through ``torch.compile``. It adds a
-            one-off compilation of tens of seconds on a 2-core CPU. NOTE: its per-step
-            gain is not yet recorded by ``scripts/bench_am.py``, so it is off by default.
+            same whichever other channels are selected. The global torch generator is
+            also seeded with it for the duration (and restored afterwards), so a model
+            that draws random numbers in its forward pass gives the same images for a
+            layer whatever ran before in the process.
+        compile: run the model cut at the layer through ``torch.compile``. It adds
+            compilations of tens of seconds on a 2-core CPU per layer (for the steps, the
+            final evaluation without gradients and a smaller last chunk). The images equal
+            eager mode's up to floating-point reordering. NOTE: its per-step gain is not
+            yet recorded by ``scripts/bench_am.py``, so it is off by default.
         channels_last: channels-last memory format for 4D inputs and weights; default
             on for CPU, where oneDNN convolutions run faster with it.
         progress: show a tqdm progress bar.
+
+    A channel whose images are all ``dead`` (see ``ActivationMaximizationResult``)
+    is reported in one warning; its images stay finite but show no feature.
 
     Example::
 
@@ -221,7 +237,8 @@ def activation_maximization(
         init_std = 0.1 if parameterization == "pixel" else 0.01
 
     # 2. Check the channels against the layer's output.
-    output_shape = _output_shape(model, module, image_shape, device, dtype)
+    with _seeded_global_rng(seed, device):
+        output_shape = _output_shape(model, module, image_shape, device, dtype)
     available = output_shape[0]
     channels = list(range(available)) if channels is None else [int(c) for c in channels]
     bad = [c for c in channels if not 0 <= c < available]
@@ -246,7 +263,8 @@ def activation_maximization(
     chunks = []
     bar = tqdm(total=iterations * len(channels) * images_per_channel, desc=f"activation max {layer}",
                disable=None if progress else True, unit="image-step")
-    with frozen_eval(model), (channels_last_weights(model) if channels_last else nullcontext()):
+    with frozen_eval(model), (channels_last_weights(model) if channels_last else nullcontext()), \
+            _seeded_global_rng(seed, device):
         forward = layer_forward(model, layer, module, compile=compile)
         try:
             for start in range(0, len(channels), channels_per_chunk):
@@ -256,9 +274,12 @@ def activation_maximization(
 
     pixels = torch.cat([c["pixels"] for c in chunks])
     history = torch.cat([c["history"] for c in chunks], dim=1)
+    image_channels = [c for c in channels for _ in range(images_per_channel)]
+    dead = torch.cat([c["dead"] for c in chunks])
+    _warn_dead_channels(layer, image_channels, dead)
     return ActivationMaximizationResult(
         layer=layer,
-        channels=[c for c in channels for _ in range(images_per_channel)],
+        channels=image_channels,
         images=(pixels - mean_t.cpu()) / std_t.cpu(),
         display_images=pixels.clamp(0.0, 1.0),
         start_activations=history[0],
@@ -266,6 +287,7 @@ def activation_maximization(
         history=history,
         frames=torch.cat([c["frames"] for c in chunks], dim=1),
         frame_iterations=loop.frame_iterations,
+        dead=dead,
         settings=dict(
             iterations=iterations, lr=lr, objective=objective,
             position=list(objective_fn.resolve_position(output_shape[1:])) if objective == "neuron" else None,
@@ -278,6 +300,33 @@ def activation_maximization(
             std=std_t.flatten().tolist(),
         ),
     )
+
+
+@contextmanager
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's global generators (CPU, and every GPU when ``device`` is one) for the block, and restore them afterwards."""
+    gpus = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.manual_seed(seed)
+        yield
+
+
+def dead_channels(channels: Sequence[int], dead: torch.Tensor) -> list[int]:
+    """Return the channels all of whose images are dead, in order of first appearance."""
+    flags: dict[int, bool] = {}
+    for channel, image_dead in zip(channels, dead.tolist()):
+        flags[channel] = flags.get(channel, True) and bool(image_dead)
+    return [channel for channel, is_dead in flags.items() if is_dead]
+
+
+def _warn_dead_channels(layer: str, channels: list[int], dead: torch.Tensor) -> None:
+    found = dead_channels(channels, dead)
+    if found:
+        log.warning(
+            "Activation maximization %s: %d of %d channels are dead (zero gradient with respect to the input at "
+            "every step), so their images show no feature: channels %s",
+            layer, len(found), len(dict.fromkeys(channels)), found,
+        )
 
 
 @dataclass
@@ -344,6 +393,8 @@ class _Loop:
         if self.norm_constraint is not None:
             T.project_l2_(pixel_tensor, self.mean, self.std, self.norm_constraint)
         history, frames = [], []
+        # alive[i]: the objective's gradient at the network input was nonzero (or NaN) for image i at some step.
+        alive = torch.zeros(len(image_ids), dtype=torch.bool, device=self.device)
 
         for step in range(self.iterations + 1):
             if step in self.frame_iterations:
@@ -352,9 +403,9 @@ class _Loop:
             if step == self.iterations:
                 break
             optimizer.zero_grad(set_to_none=True)
-            loss, activation = self.loss(forward, image.pixels(), targets, step)
+            loss, activation, network_input = self.loss(forward, image.pixels(), targets, step)
             history.append(activation.detach())
-            loss.backward()
+            alive |= self.objective_gradient_nonzero(loss, activation, network_input)
             gradient = pixel_tensor.grad.clone() if self.contribution_crop else None
             if self.norm_constraint is not None:
                 T.tangent_gradient_(pixel_tensor, self.mean, self.std)
@@ -370,10 +421,40 @@ class _Loop:
             "pixels": pixels,
             "history": torch.stack(history).double().cpu(),
             "frames": torch.stack(frames),
+            "dead": (~alive).cpu(),
         }
 
+    def objective_gradient_nonzero(self, loss, activation, network_input) -> torch.Tensor:
+        """Backpropagate ``loss`` and return [B]: whether the objective's gradient at the network input is nonzero.
+
+        Without the diversity term, the network input gets gradient from the
+        objective alone, so a hook reads it during the one backward pass. The
+        diversity term also flows through the network, so then the objective's
+        gradient costs a second backward pass.
+        """
+        captured = {}
+        if self.diversity_weight and self.images_per_channel > 1 and activation.requires_grad:
+            (captured["gradient"],) = torch.autograd.grad(
+                -self.objective.score(activation).sum(), network_input, retain_graph=True, allow_unused=True
+            )
+            loss.backward()
+        else:
+            handle = network_input.register_hook(lambda gradient: captured.update(gradient=gradient))
+            try:
+                loss.backward()
+            finally:
+                handle.remove()
+        gradient = captured.get("gradient")
+        if gradient is None:  # the objective does not depend on the input at all
+            return torch.zeros(network_input.shape[0], dtype=torch.bool, device=network_input.device)
+        return (gradient != 0).flatten(1).any(dim=1)
+
     def loss(self, forward, pixels: torch.Tensor, targets: torch.Tensor, step: int):
-        """Return the loss to minimize and the objective's activation per image [B]."""
+        """Return the loss to minimize, the objective's activation per image [B] and the network's input.
+
+        The network's input is a view of the normalized input that only the
+        network consumes, so its gradient excludes the L2 penalty's.
+        """
         seen = pixels
         if self.transforms_on:
             generator = torch.Generator().manual_seed(self.seed * 7_919 + step)
@@ -381,7 +462,8 @@ class _Loop:
             ids = torch.tensor(self.image_ids(targets[:: self.images_per_channel].tolist()))
             seen = T.random_affine(pixels, table[ids])
         inputs = self.model_input(seen)
-        output = forward(inputs)
+        network_input = inputs.view_as(inputs)
+        output = forward(network_input)
         activation = self.objective.activation(output, targets)
         loss = -self.objective.score(activation).sum()
         if self.tv_weight:
@@ -390,7 +472,7 @@ class _Loop:
             loss = loss + self.l2_weight * T.l2_penalty(inputs).sum()
         if self.diversity_weight and self.images_per_channel > 1:
             loss = loss + self.diversity_weight * diversity(output, self.images_per_channel).sum()
-        return loss, activation
+        return loss, activation, network_input
 
     def regularize_in_place(self, image, pixels: torch.Tensor | None, gradient, step: int) -> None:
         """Apply clamping and the in-place regularizers after optimizer step ``step``."""

@@ -55,16 +55,29 @@ def render_activation_maximization(results: Results, out: Path, formats) -> list
     return written
 
 
+def grid_figure_stem(layer: str) -> str:
+    """File name, without extension, of the figure of ``layer``'s final images."""
+    return safe_name(f"activation_maximization_{layer}")
+
+
 def _final_grid(group: dict, layer: str, out: Path, formats) -> list[Path]:
+    """Draw the final images in a grid, with a grey tile labelled "dead" in place of each dead image."""
     images = np.asarray(group["display_images"], dtype=np.float32)
     channels = np.asarray(group["channels"])
     activations = np.asarray(group["activations"])
+    # Files written before dead images were detected have no ``dead`` dataset.
+    dead = np.asarray(group.get("dead", np.zeros(len(images), dtype=bool)), dtype=bool)
     columns = int(np.ceil(np.sqrt(len(images))))
     rows = -(-len(images) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.35 * rows), squeeze=False)
     for index, axis in enumerate(axes.flat):
         axis.set_axis_off()
         if index >= len(images):
+            continue
+        if dead[index]:
+            axis.imshow(np.full(images.shape[2:], 0.5), cmap="gray", vmin=0, vmax=1)
+            axis.text(0.5, 0.5, "dead", transform=axis.transAxes, ha="center", va="center", color="white", fontsize=8)
+            axis.set_title(f"ch {channels[index]}\ndead", fontsize=6)
             continue
         image = images[index].transpose(1, 2, 0)
         if image.shape[2] == 1:
@@ -74,7 +87,7 @@ def _final_grid(group: dict, layer: str, out: Path, formats) -> list[Path]:
         axis.set_title(f"ch {channels[index]}\n{activations[index]:.3g}", fontsize=6)
     figure.suptitle(f"Activation maximization: {layer} (title: channel, final activation)", fontsize=9)
     figure.tight_layout()
-    return save(figure, out, f"activation_maximization_{layer}", formats)
+    return save(figure, out, grid_figure_stem(layer), formats)
 
 
 def _write_gif(frames: np.ndarray, columns: int, path: Path, target_pixels: int) -> Path:

@@ -213,7 +213,9 @@ def _image_grid(panels, spec, style, group: str, image_of):
 
 def _activation_maximization(panels, spec, style):
     def image_of(group, panel, layer):
-        images = np.asarray(group["display_images"], dtype=np.float32)[: spec.max_channels]
+        images = np.array(group["display_images"], dtype=np.float32)[: spec.max_channels]
+        if "dead" in group:  # a dead channel's image shows no feature, so its tile is plain grey
+            images[np.asarray(group["dead"], dtype=bool)[: spec.max_channels]] = 0.5
         columns = int(np.ceil(np.sqrt(len(images))))
         grid = _tile(images, columns, padding=1, fill=1.0)
         if grid.shape[2] == 1:
