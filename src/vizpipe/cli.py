@@ -32,11 +32,20 @@ register_configs()
 
 def _fail(error: VizpipeError) -> None:
     """Report a user mistake as one line; in a multirun, re-raise so Hydra marks only this job failed."""
-    log.error("%s", error)
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        log.error("%s", error)
         raise error
+    _log_to_files(logging.ERROR, str(error))
     print(f"vizpipe: error: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+def _log_to_files(level: int, message: str) -> None:
+    """Write ``message`` to the log files only, so the console shows the ``vizpipe: error:`` line once."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _sweep_info(sweep_dir: Path, job_number: int, analyses: list[str], overrides: list[str]) -> SweepInfo:
