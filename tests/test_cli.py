@@ -259,6 +259,20 @@ def test_added_key_with_typo_rejected(tmp_path):
     assert_clean_error(completed, "unknown config key 'analysis.landscape.resolutoin'", "resolution")
 
 
+@pytest.mark.parametrize("override, fragments", [
+    ("analysis.landscape.resolutoin=5", ["unknown config key 'analysis.landscape.resolutoin'", "resolution"]),
+    ("sed=3", ["unknown config key 'sed'", "Closest valid names: seed"]),
+    ("model=resnet9", ["unknown model 'resnet9'", "resnet8", "vizpipe --help"]),
+    ("analysis=[landscpe]", ["unknown analysis 'landscpe'", "Closest valid names: landscape."]),
+    ("+experiment=landscape_resnt8", ["unknown experiment 'landscape_resnt8'", "landscape_resnet8"]),
+])
+def test_misspelt_override_rejected_before_hydra(tmp_path, override, fragments):
+    completed = run_cli([f"hydra.run.dir={tmp_path}/run", override], cwd=tmp_path)
+    assert completed.returncode == 2
+    assert_clean_error(completed, *fragments)
+    assert not (tmp_path / "run").exists(), "nothing runs before the check"
+
+
 def test_override_of_unselected_analysis(tmp_path):
     completed = run_cli(["analysis=[landscape]", "analysis.hessian.method=lanczos"], cwd=tmp_path)
     assert_clean_error(completed, "analysis.hessian.method is set", "analysis=[landscape,hessian]")

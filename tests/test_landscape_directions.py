@@ -38,6 +38,30 @@ def direct_loss(model, x, y):
         return float(nn.functional.cross_entropy(model.eval()(x), y))
 
 
+def test_negative_moved_variance_clamped_not_nan(data, caplog):
+    x, y = data
+    start, end = make_model(0), make_model(1)
+    with torch.no_grad():
+        start.bn1.running_var.fill_(1.0)
+        end.bn1.running_var.fill_(0.2)  # at alpha = 1.5 the variance is 1 + 1.5 * (0.2 - 1) = -0.2
+    directions = target_directions(start, [end.state_dict()])
+    result = loss_landscape(
+        start, [(x, y)], nn.CrossEntropyLoss(), noise_range=[-0.5, 1.5], resolution=5, dims=1,
+        directions=directions, progress=False,
+    )
+    assert torch.isfinite(result.loss).all()
+    assert result.settings["clamped_variance_points"] == 1
+    assert "clamped to 0" in caplog.text
+    beyond = copy.deepcopy(start)
+    with torch.no_grad():
+        for (name, tensor), other in zip(state_entries(beyond, True), state_entries(end, True)):
+            tensor.copy_(tensor + 1.5 * (other[1] - tensor))
+        beyond.bn1.running_var.clamp_(min=0)
+    assert beyond.bn1.running_var.max().item() == 0.0
+    assert result.loss[4].item() == pytest.approx(direct_loss(beyond, x, y), rel=1e-5)
+    assert start.bn1.running_var.eq(1.0).all(), "the model's statistics are restored"
+
+
 def test_interpolation_endpoints_are_the_two_checkpoints(data):
     x, y = data
     start, end = make_model(0), make_model(1)

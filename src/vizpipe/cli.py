@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vizpipe.config import register_configs
 from vizpipe.errors import VizpipeError
+from vizpipe.overrides import check_overrides
 from vizpipe.tracking import LOG_LATER_COMMAND, MAX_PARAM_LENGTH, SweepInfo, Tracker, find_run_results, job_run_name, resolve_tracking_uri
 
 if TYPE_CHECKING:
@@ -319,7 +320,7 @@ def unselected_analysis_override(arguments: list[str]) -> str | None:
 
 
 def main() -> None:
-    message = unselected_analysis_override(sys.argv[1:])
+    message = check_overrides(sys.argv[1:]) or unselected_analysis_override(sys.argv[1:])
     if message is not None:
         print(f"vizpipe: error: {message}", file=sys.stderr)
         sys.exit(2)

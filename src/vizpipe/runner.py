@@ -825,7 +825,7 @@ def landscape_directions(options, cfg: DictConfig, model: nn.Module, eval_batche
 
 
 def _resume_landscape(results_path: Path, shape: tuple[int, ...]):
-    """Return (directions, (loss, accuracy, done)) of an unfinished landscape in the file, or None."""
+    """Return (directions, (loss, accuracy, done), group attributes) of an unfinished landscape in the file, or None."""
     if not distributed.is_main():
         return None
     attrs = store.read_group_attrs(results_path, "landscape")
@@ -836,7 +836,7 @@ def _resume_landscape(results_path: Path, shape: tuple[int, ...]):
     if tuple(np.shape(group["done"])) != shape:
         return None
     state = tuple(torch.from_numpy(np.asarray(group[key])) for key in ("loss", "accuracy", "done"))
-    return records.directions_from_group(group, attrs), state
+    return records.directions_from_group(group, attrs), state, attrs
 
 
 def _share_resume_state(state, shape: tuple[int, ...]):
@@ -870,9 +870,15 @@ def _run_landscape(options, cfg, model, dataset, loss_fn, x_eval, y_eval, result
     directions = landscape_directions(options, cfg, model, eval_batches, loss_fn)
     resumed = _resume_landscape(results_path, shape)
     state = None
+    compile_option, channels_last = options.compile, options.channels_last
     if resumed is not None:
-        directions, state = resumed
+        directions, state, stored = resumed
         log.info("Resuming the landscape: %d of %d points are done", int(state[2].sum()), state[2].numel())
+        # The interrupted run's automatic choices, so the resumed points match it to the last bit.
+        if compile_option is None and "compiled" in stored:
+            compile_option = bool(stored["compiled"])
+        if channels_last is None and "channels_last" in stored:
+            channels_last = bool(stored["channels_last"])
     elif distributed.is_main():
         store.write_group(results_path, *records.landscape_skeleton(xs, ys, directions, {**attrs, "kind": directions.kind}))
     state = _share_resume_state(state, shape)
@@ -882,8 +888,9 @@ def _run_landscape(options, cfg, model, dataset, loss_fn, x_eval, y_eval, result
         result = loss_landscape(
             model, eval_batches, loss_fn, noise_range=noise_range,
             resolution=options.resolution, dims=options.dims, y_range=y_range, directions=directions,
-            compile=options.compile, channels_last=options.channels_last, progress=cfg.progress, resume=state,
+            compile=compile_option, channels_last=channels_last, progress=cfg.progress, resume=state,
             on_point=point_writer.write if point_writer is not None else None,
+            on_start=(lambda chosen: store.write_group_attrs(results_path, "landscape", chosen)) if distributed.is_main() else None,
         )
     metrics = records.landscape_metrics(result, options.summary_radius)
     if distributed.is_main():

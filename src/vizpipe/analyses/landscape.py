@@ -138,6 +138,7 @@ def loss_landscape(
     progress: bool = True,
     resume: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     on_point: Callable[[tuple[int, ...], float, float], None] | None = None,
+    on_start: Callable[[dict[str, bool]], None] | None = None,
 ) -> LandscapeResult:
     """Evaluate loss and accuracy on a line (``dims=1``) or plane (``dims=2``) through the weights.
 
@@ -165,6 +166,10 @@ def loss_landscape(
             are kept, not recomputed.
         on_point: called as ``on_point(index, loss, accuracy)`` after each point
             this process evaluates (``index`` is ``(j,)`` or ``(i, j)``).
+        on_start: called once before the first point with the chosen
+            ``{"compiled": ..., "channels_last": ...}``. Both change the
+            losses in the last digits, so a resumed run should pass the same
+            values to end bit-identical to an uninterrupted one.
 
     Under ``torchrun`` each rank evaluates its share of the points and every rank
     returns the full grid, equal to the single-process result.
@@ -209,6 +214,7 @@ def loss_landscape(
             and any(t.dim() == 4 for t in tensors)
             and all(inputs.dim() == 4 for inputs, _ in batches)
         )
+    channels_last = _same_on_all_ranks(channels_last)
     vectors = directions_on_device.vectors
     if channels_last:
         batches = [(_channels_last(inputs), targets) for inputs, targets in batches]
@@ -230,6 +236,10 @@ def loss_landscape(
                 "Landscape: %d points, about %.0f s eager; %s", len(todo), estimate,
                 "compiling the forward pass" if compile else "running eagerly",
             )
+        # Ranks that timed differently must still agree, or their shares of the grid would differ from one process's.
+        compile = _same_on_all_ranks(compile)
+        if on_start is not None:
+            on_start({"compiled": bool(compile), "channels_last": bool(channels_last)})
         forward = torch.compile(model, dynamic=False) if compile else model
         bar = tqdm(
             total=len(mine), initial=len(mine) - len(todo), desc="loss landscape",
@@ -238,9 +248,16 @@ def loss_landscape(
         local_loss = torch.zeros(shape, dtype=torch.float64)
         local_accuracy = torch.zeros(shape, dtype=torch.float64)
         local_done = torch.zeros(shape, dtype=torch.bool)
+        # Moving BatchNorm statistics linearly past a checkpoint (interpolation
+        # beyond alpha = 1, say) can make a running variance negative, which
+        # BatchNorm turns into NaN; such variances are clamped to 0 (BatchNorm adds eps).
+        variances = [tensor for name, tensor in entries if name.endswith("running_var")]
+        clamped_points = 0
         try:
             for index in todo:
                 _move(tensors, base, vectors, _point_coordinates(index, x, y))
+                if variances and _clamp_negative(variances):
+                    clamped_points += 1
                 point_loss, point_accuracy, _ = evaluate(forward, batches, loss_fn)
                 local_loss[index], local_accuracy[index], local_done[index] = point_loss, point_accuracy, True
                 if on_point is not None:
@@ -250,10 +267,17 @@ def loss_landscape(
             bar.close()
 
     if distributed.world_size() > 1:
+        clamped_points = int(distributed.all_reduce_sum(torch.tensor([float(clamped_points)], dtype=torch.float64)).item())
         distributed.all_reduce_sum(local_loss)
         distributed.all_reduce_sum(local_accuracy)
         counts = distributed.all_reduce_sum(local_done.to(torch.int32))
         local_done = counts > 0
+    if clamped_points:
+        log.warning(
+            "Landscape: at %d point(s) a moved BatchNorm running variance was negative and was clamped to 0; "
+            "those points lie beyond the range where the moved statistics are valid",
+            clamped_points,
+        )
     loss[local_done] = local_loss[local_done]
     accuracy[local_done] = local_accuracy[local_done]
     done |= local_done
@@ -273,7 +297,7 @@ def loss_landscape(
         ),
         settings={
             "dims": dims, "normalization": normalization, "ignore": ignore, "seed": seed, "compiled": bool(compile),
-            "channels_last": bool(channels_last),
+            "channels_last": bool(channels_last), "clamped_variance_points": clamped_points,
         },
     )
 
@@ -292,6 +316,23 @@ def _point_coordinates(index: tuple[int, ...], x: torch.Tensor, y: torch.Tensor 
     if len(index) == 1:
         return [float(x[index[0]])]
     return [float(x[index[1]]), float(y[index[0]])]
+
+
+@torch.no_grad()
+def _clamp_negative(tensors: list[torch.Tensor]) -> bool:
+    """Clamp negative entries of ``tensors`` to 0 in place; return whether there were any."""
+    negative = any(bool((tensor < 0).any()) for tensor in tensors)
+    if negative:
+        for tensor in tensors:
+            tensor.clamp_(min=0)
+    return negative
+
+
+def _same_on_all_ranks(flag: bool) -> bool:
+    """Return rank 0's ``flag`` on every torchrun rank (``flag`` itself in a single process)."""
+    if distributed.world_size() == 1:
+        return bool(flag)
+    return bool(distributed.broadcast(torch.tensor([int(flag)])).item())
 
 
 def _channels_last(tensor: torch.Tensor) -> torch.Tensor:

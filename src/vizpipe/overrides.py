@@ -1,0 +1,87 @@
+"""Checks of `vizpipe` command-line overrides that run before Hydra composes the config.
+
+Hydra reports a misspelt key (``analysis.landscape.resolutoin=5``) or an
+unknown config group option (``model=resnet9``) with a multi-line message that
+suggests adding the key with ``+`` and lists no valid names. These checks catch
+the common cases first and name the closest valid keys or options instead.
+Overrides they cannot judge (sweep functions such as ``range(...)``, keys under
+the plug-in nodes ``model``, ``dataset`` and ``loss``, ``hydra.*``) are left to Hydra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from importlib import resources
+
+from vizpipe.config import VizpipeConfig
+from vizpipe.errors import suggest
+
+CONFIG_GROUPS = ("model", "dataset", "analysis", "experiment")
+# Schema fields typed Any: plug-in points whose keys depend on the chosen _target_.
+_OPEN_FIELDS = ("model", "dataset", "loss")
+
+
+def group_options(group: str) -> list[str]:
+    """Return the option names of a config group: the YAML files in ``vizpipe/conf/<group>/``."""
+    folder = resources.files("vizpipe.conf").joinpath(group)
+    return sorted(item.name.removesuffix(".yaml") for item in folder.iterdir() if item.name.endswith(".yaml"))
+
+
+def _schema_fields(schema: type) -> dict[str, type | None]:
+    """Return each field's dataclass type (Optional unwrapped), or None for a leaf or plug-in field."""
+    hints = typing.get_type_hints(schema)
+    fields = {}
+    for item in dataclasses.fields(schema):
+        hint = hints[item.name]
+        candidates = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+        fields[item.name] = next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+    return fields
+
+
+def _unknown_key(key: str) -> str | None:
+    schema: type | None = VizpipeConfig
+    walked = []
+    for part in key.split("."):
+        if schema is None:
+            return None  # below a leaf or a plug-in node: Hydra or the instantiation checks it
+        fields = _schema_fields(schema)
+        if part not in fields:
+            name = ".".join([*walked, part])
+            return f"unknown config key {name!r}. {suggest(part, sorted(fields))} Check the spelling"
+        if not walked and part in _OPEN_FIELDS:
+            return None
+        walked.append(part)
+        schema = fields[part]
+    return None
+
+
+def _listed_options(value: str) -> list[str] | None:
+    """Return the option names in ``name``, ``a,b`` or ``[a,b]``; None for a value these checks cannot read."""
+    if any(character in value for character in "()${}*?"):
+        return None  # a sweep function, an interpolation or a glob: left to Hydra
+    return [name.strip() for name in value.strip().strip("[]").split(",") if name.strip()]
+
+
+def check_overrides(arguments: list[str]) -> str | None:
+    """Return an error message for the first override with an unknown key or group option, else None."""
+    for argument in arguments:
+        if argument.startswith("-") or "=" not in argument or argument.startswith("~"):
+            continue
+        key, value = argument.split("=", 1)
+        added = key.startswith("+")
+        key = key.lstrip("+")
+        if key.startswith("hydra") or "/" in key or "@" in key:
+            continue
+        if key in CONFIG_GROUPS:
+            options = group_options(key)
+            names = _listed_options(value)
+            for name in names or []:
+                if name not in options and name != "null":
+                    return f"unknown {key} {name!r}. {suggest(name, options)} Run vizpipe --help to list every option"
+            continue
+        if not added:
+            message = _unknown_key(key)
+            if message is not None:
+                return message
+    return None
