@@ -82,6 +82,16 @@ def test_batched_equals_one_channel_at_a_time(cnn, options):
     torch.testing.assert_close(together.display_images, chunked.display_images, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layer, objective", [("conv1", "channel"), ("conv2", "channel"), ("conv2", "neuron")])
+def test_target_channels_only_equals_whole_layer(cnn, layer, objective):
+    common = dict(channels=[0, 1, 3], iterations=15, lr=0.05, tv_weight=0.5, objective=objective, progress=False, seed=2)
+    sliced = activation_maximization(cnn, layer, [1, 10, 10], **common)
+    whole = activation_maximization(cnn, layer, [1, 10, 10], target_channels_only=False, **common)
+    torch.testing.assert_close(sliced.history, whole.history, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sliced.display_images, whole.display_images, rtol=1e-4, atol=1e-4)
+    assert (sliced.final_activations > sliced.start_activations).all(), "each image raised its own channel"
+
+
 def test_frames_and_history_shapes(cnn):
     result = activation_maximization(cnn, "conv1", [1, 8, 8], channels=[0, 2], iterations=12, frame_every=5, progress=False)
     assert result.frame_iterations == [0, 5, 10, 12]

@@ -29,8 +29,10 @@ from vizpipe.analyses.am.forward import (
     capture_output,
     channels_last_weights,
     frozen_eval,
+    SelectedChannelForward,
     layer_forward,
     layer_output,
+    selected_channel_forward,
 )
 from vizpipe.analyses.am.objectives import Objective, diversity
 from vizpipe.analyses.am.parameterizations import PARAMETERIZATIONS, FourierImage, PixelImage
@@ -141,6 +143,7 @@ def activation_maximization(
     seed: int = 0,
     compile: bool = False,
     channels_last: bool | None = None,
+    target_channels_only: bool = True,
     progress: bool = True,
 ) -> ActivationMaximizationResult:
     """Find images that maximize (or minimize) the activation of each channel of ``layer``.
@@ -190,6 +193,10 @@ def activation_maximization(
             yet recorded by ``scripts/bench_am.py``, so it is off by default.
         channels_last: channels-last memory format for 4D inputs and weights; default
             on for CPU, where oneDNN convolutions run faster with it.
+        target_channels_only: when the layer is an ungrouped ``Conv2d`` and no
+            diversity term needs its whole output, compute at the layer only each
+            image's own channel (one grouped convolution), not all of them. The
+            images equal those of the whole layer up to floating-point reordering.
         progress: show a tqdm progress bar.
 
     A channel whose images are all ``dead`` (see ``ActivationMaximizationResult``)
@@ -265,7 +272,11 @@ def activation_maximization(
                disable=None if progress else True, unit="image-step")
     with frozen_eval(model), (channels_last_weights(model) if channels_last else nullcontext()), \
             _seeded_global_rng(seed, device):
-        forward = layer_forward(model, layer, module, compile=compile)
+        forward = None
+        if target_channels_only and not (diversity_weight and images_per_channel > 1):
+            forward = selected_channel_forward(model, layer, module, compile=compile)
+        if forward is None:
+            forward = layer_forward(model, layer, module, compile=compile)
         try:
             for start in range(0, len(channels), channels_per_chunk):
                 chunks.append(loop.run(forward, channels[start : start + channels_per_chunk], bar))
@@ -300,6 +311,13 @@ def activation_maximization(
             std=std_t.flatten().tolist(),
         ),
     )
+
+
+def layer_output_of_targets(forward, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the layer's output and, per image, the index of its target channel in that output."""
+    if isinstance(forward, SelectedChannelForward):
+        return forward(inputs, targets), torch.zeros_like(targets)
+    return forward(inputs), targets
 
 
 @contextmanager
@@ -414,8 +432,8 @@ class _Loop:
             bar.update(len(image_ids))
 
         with torch.no_grad():
-            output = forward(self.model_input(image.pixels()))
-            history.append(self.objective.activation(output, targets))
+            output, columns = layer_output_of_targets(forward, self.model_input(image.pixels()), targets)
+            history.append(self.objective.activation(output, columns))
             pixels = image.pixels().detach().cpu()
         return {
             "pixels": pixels,
@@ -463,8 +481,8 @@ class _Loop:
             seen = T.random_affine(pixels, table[ids])
         inputs = self.model_input(seen)
         network_input = inputs.view_as(inputs)
-        output = forward(network_input)
-        activation = self.objective.activation(output, targets)
+        output, columns = layer_output_of_targets(forward, network_input, targets)
+        activation = self.objective.activation(output, columns)
         loss = -self.objective.score(activation).sum()
         if self.tv_weight:
             loss = loss + self.tv_weight * T.total_variation(pixels).sum()
