@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from vizpipe.analyses import activation_maximization
+from vizpipe.analyses.am.parameterizations import FourierImage
 from vizpipe.analyses.activation_maximization import channel_activation, layer_output
 from vizpipe.analyses.am.objectives import Objective
 from vizpipe.data import digits
@@ -228,6 +229,15 @@ def test_grayscale_and_four_channel_models(channels, parameterization):
     assert result.images.shape == (2, channels, 9, 11)
     assert result.frames.shape[2:] == (channels, 9, 11)
     assert bool((result.final_activations > result.start_activations).all())
+
+
+def test_fourier_start_image_is_not_saturated():
+    image = FourierImage([3, 32, 32], image_seeds=[0, 1], init_std=0.01, color_correlation=None,
+                         device=torch.device("cpu"), dtype=torch.float32)
+    pixels = image.pixels()
+    assert pixels.min() > 0.3, "a saturated sigmoid would have no gradient"
+    assert pixels.max() < 0.7
+    assert pixels.std() > 1e-3, "the start is noise, not a constant"
 
 
 def test_fourier_colour_correlation_keeps_gray():

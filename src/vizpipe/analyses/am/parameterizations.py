@@ -101,7 +101,11 @@ class FourierImage:
 
     def pixels(self) -> torch.Tensor:
         spectrum = torch.view_as_complex(self.spectrum) * self.scale
-        image = torch.fft.irfftn(spectrum, s=(self.height, self.width), dim=(-2, -1), norm="ortho") / 4.0
+        # The inverse FFT divides by H * W (norm="backward"), as tf.signal.irfft2d
+        # does in Lucid's fft_image (lucid/optvis/param/spatial.py). With norm="ortho"
+        # the sqrt(H * W) in ``scale`` made a 32x32 start image 32 times too
+        # contrasted, which saturated the sigmoid so that its gradient vanished.
+        image = torch.fft.irfftn(spectrum, s=(self.height, self.width), dim=(-2, -1)) / 4.0
         image = torch.einsum("dc,bchw->bdhw", self.color_correlation, image)
         return torch.sigmoid(image)
 
