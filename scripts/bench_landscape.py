@@ -7,7 +7,8 @@ and directions:
 - vizpipe: ``loss_landscape`` with its defaults (channels-last on CPU,
   compilation decided by the estimated eager time, compile time included), and
   the variants chosen with ``--variants``;
-- floor: resolution^2 x one eager forward pass of the evaluation set;
+- floor: resolution^2 x one eager forward pass of the evaluation set (the
+  median of 5 passes);
 - with ``--vmap-points K``: seconds per grid point when K points share one
   forward pass (``torch.func.functional_call`` + ``torch.vmap`` over stacked
   weights), against the plain loop over the same points.
@@ -73,15 +74,19 @@ def reference_landscape(model, x, y, directions, xs, ys, batch_size):
     return losses
 
 
-def floor_seconds(model, batches, points):
+def floor_seconds(model, batches, points, passes: int = 5):
+    """Return ``points`` x the median time of one eager forward pass over ``batches`` (after a warm-up pass)."""
     model.eval()
+    times = []
     with torch.no_grad():
         for inputs, _ in batches:  # warm-up
             model(inputs)
-        started = time.perf_counter()
-        for inputs, _ in batches:
-            model(inputs)
-    return (time.perf_counter() - started) * points
+        for _ in range(passes):
+            started = time.perf_counter()
+            for inputs, _ in batches:
+                model(inputs)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times) * points
 
 
 def vmap_seconds(model, batches, directions, xs, chunk: int, rows: int = 2) -> dict[str, float]:
