@@ -8,9 +8,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from vizpipe.render.common import safe_name, save
+from vizpipe.render.common import frame_axes, safe_name, save
 from vizpipe.store import Results
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,10 @@ def _final_grid(group: dict, layer: str, out: Path, formats) -> list[Path]:
     rows = -(-len(images) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.35 * rows), squeeze=False)
     for index, axis in enumerate(axes.flat):
-        axis.set_axis_off()
         if index >= len(images):
+            axis.set_axis_off()
             continue
+        frame_axes(axis)  # a white image would otherwise vanish into the page
         if dead[index]:
             axis.imshow(np.full(images.shape[2:], 0.5), cmap="gray", vmin=0, vmax=1)
             axis.text(0.5, 0.5, "dead", transform=axis.transAxes, ha="center", va="center", color="white", fontsize=8)
@@ -127,6 +129,7 @@ def _activation_curves(group: dict, layer: str, out: Path, formats) -> list[Path
     axis.plot(history, linewidth=0.6, alpha=0.5)
     axis.plot(history.mean(axis=1), color="k", linewidth=1.5, label="mean over images")
     axis.set_xlabel("step")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel("activation (objective)")
     axis.set_title(f"Activation maximization: {layer}")
     axis.legend()
