@@ -30,7 +30,6 @@ STYLE = {
 
 
 FRAME_COLOR = "#8c8c8c"  # neutral grey frame around image tiles, visible on white and on black images
-COLORBAR_TICKS = 6  # at most this many tick intervals on a colour bar
 ROUND_STEPS = [1, 2, 2.5, 5, 10]  # tick steps of 1, 2, 2.5 or 5 times a power of ten
 
 
@@ -44,7 +43,9 @@ def add_colorbar(axis, mappable, label: str, extend: str = "neither"):
     """
     bar_axis = axis.inset_axes([1.04, 0.0, 0.05, 1.0])
     colorbar = axis.get_figure().colorbar(mappable, cax=bar_axis, label=label, extend=extend)
-    colorbar.set_ticks(MaxNLocator(nbins=COLORBAR_TICKS, steps=ROUND_STEPS))
+    # "auto": as many ticks as the bar's length has room for, at most 9
+    colorbar.set_ticks(MaxNLocator(nbins="auto", steps=ROUND_STEPS))
+    colorbar.minorticks_off()
     return colorbar
 
 
