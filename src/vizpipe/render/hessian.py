@@ -157,7 +157,7 @@ def convergence_figure(results: Results):
 
 
 def _spread(positions: list[float], gap: float) -> list[float]:
-    """Move label positions apart to at least ``gap``, keeping their order; return them in the input order."""
+    """Return label positions moved up until neighbours are at least ``gap`` apart, in the input order."""
     order = np.argsort(positions, kind="stable")
     moved = np.asarray(positions, dtype=np.float64)[order]
     for i in range(1, len(moved)):

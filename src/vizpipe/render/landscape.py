@@ -58,7 +58,7 @@ def _title_suffix(attrs: dict, done: np.ndarray) -> str:
 
 @dataclass
 class _Landscape:
-    """A results file's landscape, prepared for drawing: masked, capped and log-scaled as asked."""
+    """A results file's landscape, prepared for drawing: masked, capped and log-scaled as requested."""
 
     group: dict
     attrs: dict
