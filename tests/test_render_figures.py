@@ -113,14 +113,19 @@ def test_trajectory_markers_have_legend():
     plt.close("all")
 
 
-@pytest.mark.parametrize("width", [3.4, 7.0])
-def test_paper_landscapes_colorbar_fits(width):
+def draw_paper_landscapes(width, max_val):
     style = OmegaConf.structured(PrintStyleConfig(width=width))
-    spec = OmegaConf.structured(FigureSpecConfig(kind="landscapes", name="x", max_val=8.0))
+    spec = OmegaConf.structured(FigureSpecConfig(kind="landscapes", name="x", max_val=max_val))
     panels = [Panel(f"job {index}", landscape_results(), str(index)) for index in range(2)]
     with plt.rc_context(print_style(style)):
         figure, _, _ = _landscapes(panels, spec, style)
         figure.canvas.draw()
+    return figure
+
+
+@pytest.mark.parametrize("width", [3.4, 7.0])
+def test_paper_landscapes_colorbar_fits(width):
+    figure = draw_paper_landscapes(width, None)
     first, last = figure.axes[:2]
     (colorbar_axis,) = last.child_axes
     assert colorbar_axis.get_position().height == pytest.approx(last.get_position().height, rel=1e-6)
@@ -128,8 +133,12 @@ def test_paper_landscapes_colorbar_fits(width):
     assert first.get_position().width == pytest.approx(last.get_position().width, rel=1e-3)
     assert figure.get_tightbbox().width <= width + 1e-6
     assert_round(shown_ticks(colorbar_axis))
-    assert last.collections[0].colorbar.extend == "max"
+    assert last.collections[0].colorbar.extend == "neither"
     plt.close(figure)
+
+    capped = draw_paper_landscapes(width, 8.0)
+    assert capped.axes[1].collections[0].colorbar.extend == "max"
+    plt.close(capped)
 
 
 def hessian_results(eigenvalues, history=None) -> store.Results:

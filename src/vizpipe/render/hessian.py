@@ -174,8 +174,9 @@ def density_figure(results: Results):
     figure, axis = plt.subplots(figsize=(6, 4), constrained_layout=True)
     positive = density > 0
     axis.semilogy(grid[positive], density[positive], color=POSITIVE)
-    floor = density[positive].max() * 1e-8 if positive.any() else 1e-12
-    axis.set_ylim(bottom=floor)
+    if positive.any():
+        # eight decades below the peak; autoscaling to that floor would add decades of margin above the peak
+        axis.set_ylim(density[positive].max() * 1e-8, density[positive].max() * 3)
     axis.axvline(0, color="k", linewidth=0.6)
     if "trace" in results["hessian"]:
         trace_attrs = results.group_attrs["hessian/trace"]

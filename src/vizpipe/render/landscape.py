@@ -254,9 +254,9 @@ def _decorate(axis, trajectory: np.ndarray | None, labels: tuple[str, str]) -> N
 
 def _add_marker_legend(figure, axis, trajectory: np.ndarray | None) -> None:
     """Explain the trajectory markers in one legend below the panels (nothing to explain without a trajectory)."""
-    if trajectory is None:
-        return
     handles, names = axis.get_legend_handles_labels()
+    if trajectory is None or not handles:
+        return
     # A grey background keeps the white path line of the legend visible.
     figure.legend(handles, names, loc="outside lower center", ncol=len(handles), fontsize=7, facecolor="#d9d9d9",
                   framealpha=1.0)
