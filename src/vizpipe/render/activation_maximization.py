@@ -8,14 +8,18 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from vizpipe.render.common import safe_name, save
+from vizpipe.render.common import frame_axes, safe_name, save
 from vizpipe.store import Results
 
 log = logging.getLogger(__name__)
 
 _MIN_PIXELS = 128  # per-channel files are scaled up by whole factors to at least this size
+
+
+_FRAME_GREY = 140  # uint8 grey of the lines around tiles in GIFs and PNGs, the same as FRAME_COLOR
 
 
 def _tile(images: np.ndarray, columns: int, padding: int = 1, fill: float = 1.0) -> np.ndarray:
@@ -28,6 +32,23 @@ def _tile(images: np.ndarray, columns: int, padding: int = 1, fill: float = 1.0)
         left = (index % columns) * (width + padding)
         grid[top : top + height, left : left + width] = images[index].transpose(1, 2, 0)
     return grid
+
+
+def _framed_picture(images: np.ndarray, columns: int, zoom: int) -> np.ndarray:
+    """Scale [N, C, H, W] uint8 images up by ``zoom`` and tile them as RGB, each inside a 1-pixel grey frame.
+
+    Neighbouring tiles share a frame line; empty places in the last row stay white.
+    """
+    zoomed = images.repeat(zoom, axis=2).repeat(zoom, axis=3)
+    count, channels, height, width = zoomed.shape
+    rows = -(-count // columns)
+    grid = np.full((rows * (height + 1) + 1, columns * (width + 1) + 1, channels), 255, np.uint8)
+    for index in range(count):
+        top = (index // columns) * (height + 1)
+        left = (index % columns) * (width + 1)
+        grid[top : top + height + 2, left : left + width + 2] = _FRAME_GREY
+        grid[top + 1 : top + 1 + height, left + 1 : left + 1 + width] = zoomed[index].transpose(1, 2, 0)
+    return _as_rgb(grid)
 
 
 def _as_rgb(grid: np.ndarray) -> np.ndarray:
@@ -71,9 +92,10 @@ def _final_grid(group: dict, layer: str, out: Path, formats) -> list[Path]:
     rows = -(-len(images) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.35 * rows), squeeze=False)
     for index, axis in enumerate(axes.flat):
-        axis.set_axis_off()
         if index >= len(images):
+            axis.set_axis_off()
             continue
+        frame_axes(axis)  # a white image would otherwise vanish into the page
         if dead[index]:
             axis.imshow(np.full(images.shape[2:], 0.5), cmap="gray", vmin=0, vmax=1)
             axis.text(0.5, 0.5, "dead", transform=axis.transAxes, ha="center", va="center", color="white", fontsize=8)
@@ -95,9 +117,7 @@ def _write_gif(frames: np.ndarray, columns: int, path: Path, target_pixels: int)
     zoom = _zoom(frames.shape[3], target_pixels)
     pictures = []
     for frame in frames:
-        grid = _as_rgb(_tile(frame, columns, padding=1, fill=255))
-        grid = grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
-        pictures.append(Image.fromarray(grid.astype(np.uint8), mode="RGB"))
+        pictures.append(Image.fromarray(_framed_picture(frame, columns, zoom).astype(np.uint8), mode="RGB"))
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=80, loop=0)
     return path
 
@@ -113,10 +133,9 @@ def _per_channel_files(group: dict, layer: str, folder: Path) -> list[Path]:
         stem = safe_name(f"{layer}_{channel}")
         written.append(_write_gif(frames[:, members], len(members), folder / f"{stem}.gif", _MIN_PIXELS))
         final = (display[members] * 255.0).round().clip(0, 255).astype(np.uint8)
-        grid = _as_rgb(_tile(final, len(members), padding=1, fill=255))
         zoom = _zoom(final.shape[2], _MIN_PIXELS)
         path = folder / f"{stem}_final.png"
-        Image.fromarray(grid.repeat(zoom, axis=0).repeat(zoom, axis=1), mode="RGB").save(path)
+        Image.fromarray(_framed_picture(final, len(members), zoom), mode="RGB").save(path)
         written.append(path)
     return written
 
@@ -127,6 +146,7 @@ def _activation_curves(group: dict, layer: str, out: Path, formats) -> list[Path
     axis.plot(history, linewidth=0.6, alpha=0.5)
     axis.plot(history.mean(axis=1), color="k", linewidth=1.5, label="mean over images")
     axis.set_xlabel("step")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel("activation (objective)")
     axis.set_title(f"Activation maximization: {layer}")
     axis.legend()

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import offset_copy
 
 from vizpipe.render.common import save
 from vizpipe.store import Results
@@ -15,21 +19,30 @@ from vizpipe.store import Results
 log = logging.getLogger(__name__)
 
 POSITIVE, NEGATIVE = "#0072b2", "#d55e00"  # colour-blind safe blue and vermillion
+LEGEND_BLOCKS = 10  # convergence curves beyond this many share a colormap instead of a legend
+LABELLED_BLOCKS = 3  # with a colormap, the curves named at their end
 
 
-def render_hessian(results: Results, out: Path, formats, symlog: bool | None = None) -> list[Path]:
-    """Draw every Hessian figure the results file supports.
+def hessian_figures(results: Results, symlog: bool | None = None) -> dict:
+    """Draw every Hessian figure the results file supports; return them by file stem, not yet saved.
 
     ``symlog`` sets a symmetric-log eigenvalue axis; None picks it when the
     absolute values span more than two decades.
     """
     group = results["hessian"]
-    written: list[Path] = []
+    figures = {}
     if "eigenvalues" in group:
-        written += render_block_eigenvalues(results, out, formats, symlog)
-        written += render_convergence(results, out, formats)
+        figures["hessian_eigenvalues"] = block_eigenvalues_figure(results, symlog)
+        figures["hessian_convergence"] = convergence_figure(results)
     if "density" in group:
-        written += render_density(results, out, formats)
+        figures["hessian_density"] = density_figure(results)
+    return figures
+
+
+def render_hessian(results: Results, out: Path, formats, symlog: bool | None = None) -> list[Path]:
+    written: list[Path] = []
+    for stem, figure in hessian_figures(results, symlog).items():
+        written += save(figure, out, stem, formats)
     return written
 
 
@@ -42,7 +55,7 @@ def _wants_symlog(values: np.ndarray) -> bool:
     return magnitudes.size > 1 and magnitudes.max() > 100 * magnitudes.min()
 
 
-def render_block_eigenvalues(results: Results, out: Path, formats, symlog: bool | None = None) -> list[Path]:
+def block_eigenvalues_figure(results: Results, symlog: bool | None = None):
     group = results["hessian"]
     attrs = results.group_attrs["hessian"]
     names = _names(group)
@@ -68,56 +81,102 @@ def render_block_eigenvalues(results: Results, out: Path, formats, symlog: bool 
         axis.set_xscale("symlog", linthresh=max(finite.max() * 1e-4, 1e-30) if finite.size else 1.0)
     axis.axvline(0, color="k", linewidth=0.6)
     axis.set_xlabel(f"dominant eigenvalue of the {attrs.get('group_by', 'parameter')}'s Hessian block")
-    handles = [Patch(color=POSITIVE, label="positive"), Patch(facecolor=NEGATIVE, hatch="//", label="negative")]
+    handles = []
+    if (values < 0).any():  # with one sign only, the colours need no key
+        handles += [Patch(color=POSITIVE, label="positive"), Patch(facecolor=NEGATIVE, hatch="//", label="negative")]
     if np.isfinite(smallest).any():
         handles += axis.get_legend_handles_labels()[0]
-    axis.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    if handles:
+        axis.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     title = f"Per-block Hessian eigenvalues ({attrs.get('method')})"
     not_converged = int((~converged).sum())
     if not_converged:
         title += f"; {not_converged} not converged (outlined)"
     axis.set_title(title)
-    return save(figure, out, "hessian_eigenvalues", formats)
+    return figure
 
 
-def render_convergence(results: Results, out: Path, formats) -> list[Path]:
-    """Plot each block's relative distance to its final estimate against the product count."""
+def convergence_figure(results: Results):
+    """Plot each block's relative distance to its final estimate against the product count.
+
+    Up to ``LEGEND_BLOCKS`` blocks get distinct colours and a legend beside the axes.
+    More blocks are coloured by their position in the model, keyed by a colour bar,
+    and the ``LABELLED_BLOCKS`` slowest to converge get their name at the end of their curve.
+    """
     group = results["hessian"]
+    attrs = results.group_attrs["hessian"]
     names = _names(group)
     history = np.asarray(group["history"], dtype=np.float64)
-    figure, axis = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
-    for name, row in zip(names, history):
+    curves = []  # (block index, products, relative distance)
+    for index, row in enumerate(history):
         used = row[np.isfinite(row)]
         if used.size < 2 or used[-1] == 0:
             continue
         # the last estimate is the reference, so the curve ends before it
         error = np.abs(used[:-1] - used[-1]) / abs(used[-1])
-        steps = np.arange(1, used.size)
-        axis.semilogy(steps, np.maximum(error, 1e-17), linewidth=0.8, label=name)
-    tol = results.group_attrs["hessian"].get("tol")
+        curves.append((index, np.arange(1, used.size), np.maximum(error, 1e-17)))
+
+    figure, axis = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
+    many = len(curves) > LEGEND_BLOCKS
+    # viridis without its palest yellows, which are hard to see as thin lines on white
+    colormap = ListedColormap(plt.get_cmap("viridis")(np.linspace(0.0, 0.85, 256)))
+    norm = Normalize(vmin=0, vmax=max(len(names) - 1, 1))
+    for position, (index, steps, error) in enumerate(curves):
+        color = colormap(norm(index)) if many else plt.get_cmap("tab10")(position)
+        axis.semilogy(steps, error, linewidth=0.8, color=color, label=names[index])
+    tol = attrs.get("tol")
     if tol:
         axis.axhline(tol, color="k", linestyle="--", linewidth=0.6, label="tol")
     axis.set_xlabel("Hessian-vector products")
     axis.set_ylabel("relative distance to the final estimate")
-    attrs = results.group_attrs["hessian"]
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     title = "Convergence per block"
     if attrs.get("method") == "power_iteration" and attrs.get("which") == "extremes":
-        title += " (both phases: dominant, then the other end of the spectrum)"
+        title += "\n(both phases: dominant, then the other end of the spectrum)"
     axis.set_title(title)
-    if len(names) <= 30:
-        axis.legend(fontsize=6, ncol=2)
-    return save(figure, out, "hessian_convergence", formats)
+    if not many:
+        if curves or tol:
+            axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+        return figure
+
+    colorbar = figure.colorbar(ScalarMappable(norm=norm, cmap=colormap), ax=axis, pad=0.02)
+    ticks = MaxNLocator(nbins=6, integer=True).tick_values(0, len(names) - 1)
+    ticks = [int(tick) for tick in ticks if 0 <= tick <= len(names) - 1]
+    colorbar.set_ticks(ticks, labels=[f"{tick}: {names[tick]}" for tick in ticks], fontsize=6)
+    colorbar.set_label("block, in model order")
+    slowest = sorted(curves, key=lambda curve: (-curve[1][-1], -curve[2][-1]))[:LABELLED_BLOCKS]
+    ends = [np.log10(error[-1]) for _, _, error in slowest]
+    low, high = np.log10(axis.get_ylim())
+    beside = offset_copy(axis.transData, figure, x=3, units="points")
+    for (index, steps, error), height in zip(slowest, _spread(ends, 0.05 * (high - low))):
+        axis.text(steps[-1], 10**height, names[index], transform=beside, fontsize=6, va="center", ha="left")
+    if tol:
+        axis.annotate("tol", (0, tol), xycoords=("axes fraction", "data"), xytext=(2, 2),
+                      textcoords="offset points", ha="left", va="bottom", fontsize=7)
+    return figure
 
 
-def render_density(results: Results, out: Path, formats) -> list[Path]:
+def _spread(positions: list[float], gap: float) -> list[float]:
+    """Return label positions moved up until neighbours are at least ``gap`` apart, in the input order."""
+    order = np.argsort(positions, kind="stable")
+    moved = np.asarray(positions, dtype=np.float64)[order]
+    for i in range(1, len(moved)):
+        moved[i] = max(moved[i], moved[i - 1] + gap)
+    result = np.empty_like(moved)
+    result[order] = moved
+    return result.tolist()
+
+
+def density_figure(results: Results):
     density_group = results["hessian"]["density"]
     grid = np.asarray(density_group["grid"], dtype=np.float64)
     density = np.asarray(density_group["density"], dtype=np.float64)
     figure, axis = plt.subplots(figsize=(6, 4), constrained_layout=True)
     positive = density > 0
     axis.semilogy(grid[positive], density[positive], color=POSITIVE)
-    floor = density[positive].max() * 1e-8 if positive.any() else 1e-12
-    axis.set_ylim(bottom=floor)
+    if positive.any():
+        # eight decades below the peak; autoscaling to that floor would add decades of margin above the peak
+        axis.set_ylim(density[positive].max() * 1e-8, density[positive].max() * 3)
     axis.axvline(0, color="k", linewidth=0.6)
     if "trace" in results["hessian"]:
         trace_attrs = results.group_attrs["hessian/trace"]
@@ -128,4 +187,4 @@ def render_density(results: Results, out: Path, formats) -> list[Path]:
     axis.set_xlabel("eigenvalue")
     axis.set_ylabel("density (log scale)")
     axis.set_title("Hessian eigenvalue density (stochastic Lanczos quadrature)")
-    return save(figure, out, "hessian_density", formats)
+    return figure

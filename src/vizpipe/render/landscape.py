@@ -4,17 +4,26 @@ trajectory overlaid for PCA directions; an interactive HTML surface."""
 from __future__ import annotations
 
 import logging
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import patheffects
+from matplotlib.ticker import MaxNLocator
 
-from vizpipe.render.common import save
+from vizpipe.render.common import ROUND_STEPS, add_colorbar, save
 from vizpipe.store import Results
 
 log = logging.getLogger(__name__)
 
 NUM_LEVELS = 25
+# Camera elevation of the 3D surface in degrees, and the azimuths it picks from: each
+# looks across a diagonal of the grid, from the corner between the two edges named.
+SURFACE_ELEVATION = 55
+SURFACE_VIEWS = ((-60, "x_max", "y_min"), (30, "x_max", "y_max"), (120, "x_min", "y_max"), (-150, "x_min", "y_min"))
+TRAJECTORY_COLOR, START_COLOR, CENTRE_COLOR = "white", "#e69f00", "red"
 
 
 def _display_loss(loss: np.ndarray, log_scale: bool, max_val: float | None) -> np.ma.MaskedArray:
@@ -47,79 +56,157 @@ def _title_suffix(attrs: dict, done: np.ndarray) -> str:
     return ", ".join(parts)
 
 
-def render_landscape(results: Results, out: Path, formats, log_scale, max_val) -> list[Path]:
+@dataclass
+class _Landscape:
+    """A results file's landscape, prepared for drawing: masked, capped and log-scaled as requested."""
+
+    group: dict
+    attrs: dict
+    loss: np.ma.MaskedArray
+    accuracy: np.ma.MaskedArray
+    done: np.ndarray
+    label: str  # name of the loss axis or colour bar, with the cap when one applies
+    capped: bool  # True when max_val lowered at least one evaluated loss value
+
+
+def _prepare(results: Results, log_scale: bool | None, max_val: float | None) -> _Landscape:
     group = results["landscape"]
     attrs = results.group_attrs["landscape"]
     log_scale = bool(attrs.get("log_scale", False)) if log_scale is None else log_scale
     max_val = attrs.get("max_val") if max_val is None else max_val
-    done = np.asarray(group.get("done", np.ones(np.shape(group["loss"]), dtype=bool)), dtype=bool)
-    loss = _display_loss(group["loss"], log_scale, max_val)
+    raw = np.asarray(group["loss"], dtype=np.float64)
+    done = np.asarray(group.get("done", np.ones(raw.shape, dtype=bool)), dtype=bool)
+    loss = _display_loss(raw, log_scale, max_val)
     loss[~done] = np.ma.masked
     accuracy = np.ma.masked_invalid(np.asarray(group["accuracy"], dtype=np.float64))
     accuracy[~done] = np.ma.masked
+    evaluated = raw[done & np.isfinite(raw)]
+    capped = max_val is not None and bool(np.any(evaluated > max_val))
     label = "log10 loss" if log_scale else "loss"
-    if loss.ndim == 1:
-        return _render_line(group, attrs, loss, accuracy, done, label, out, formats)
-    return _render_plane(group, attrs, loss, accuracy, done, label, out, formats)
+    if capped:
+        label += f" (capped at {max_val:g})"
+    return _Landscape(group, attrs, loss, accuracy, done, label, capped)
 
 
-def _render_line(group, attrs, loss, accuracy, done, label, out: Path, formats) -> list[Path]:
-    x = np.asarray(group["x"])
-    figure, loss_axis = plt.subplots(figsize=(5.5, 3.6), constrained_layout=True)
-    loss_axis.plot(x, loss, color="#0072b2", marker="o", markersize=3, label=label)
-    loss_axis.set_xlabel("alpha" if attrs.get("kind") == "target" else "direction 1")
-    loss_axis.set_ylabel(label, color="#0072b2")
-    accuracy_axis = loss_axis.twinx()
-    accuracy_axis.plot(x, accuracy, color="#d55e00", marker="s", markersize=3, linestyle="--", label="accuracy")
-    accuracy_axis.set_ylabel("accuracy", color="#d55e00")
-    for position in ((0.0, 1.0) if attrs.get("kind") == "target" else (0.0,)):
-        loss_axis.axvline(position, color="grey", linewidth=0.6, linestyle=":")
-    loss_axis.set_title(f"Loss along a line ({_title_suffix(attrs, done)})")
-    return save(figure, out, "landscape_line", formats)
+def landscape_figures(results: Results, log_scale: bool | None = None, max_val: float | None = None) -> dict:
+    """Draw the landscape figures of a results file; return them by file stem, not yet saved.
 
-
-def _render_plane(group, attrs, loss, accuracy, done, label, out: Path, formats) -> list[Path]:
-    x, y = np.asarray(group["x"]), np.asarray(group["y"])
-    trajectory = np.asarray(group["trajectory"]) if "trajectory" in group else None
-    written: list[Path] = []
+    A 1D landscape gives ``landscape_line``; a 2D one gives ``landscape_contour``,
+    ``landscape_heatmap`` and ``landscape_surface`` (none when an axis has fewer than 2 points).
+    ``log_scale`` and ``max_val`` override the choices stored in the file.
+    """
+    view = _prepare(results, log_scale, max_val)
+    if view.loss.ndim == 1:
+        return {"landscape_line": _line_figure(view)}
+    x, y = np.asarray(view.group["x"]), np.asarray(view.group["y"])
     if len(x) < 2 or len(y) < 2:
         log.warning("landscape has fewer than 2 points per axis; no contour or surface drawn")
-        return written
-    suffix = _title_suffix(attrs, done)
-    labels = _axis_labels(group)
+        return {}
+    return {
+        "landscape_contour": _contour_figure(view, x, y),
+        "landscape_heatmap": _heatmap_figure(view, x, y),
+        "landscape_surface": _surface_figure(view, x, y),
+    }
 
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.9), constrained_layout=True)
-    for axis, values, name, cmap in ((axes[0], loss, label, "viridis"), (axes[1], accuracy, "accuracy", "cividis")):
+
+def render_landscape(results: Results, out: Path, formats, log_scale, max_val) -> list[Path]:
+    written: list[Path] = []
+    for stem, figure in landscape_figures(results, log_scale, max_val).items():
+        written += save(figure, out, stem, formats)
+    view = _prepare(results, log_scale, max_val)
+    x, y = np.asarray(view.group["x"]), np.asarray(view.group.get("y", []))
+    if view.loss.ndim == 2 and len(x) >= 2 and len(y) >= 2:
+        written.append(_write_html_surface(x, y, view.loss, view.label, _axis_labels(view.group),
+                                           out / "landscape_surface.html"))
+    return written
+
+
+def _line_figure(view: _Landscape):
+    x = np.asarray(view.group["x"])
+    target = view.attrs.get("kind") == "target"
+    figure, loss_axis = plt.subplots(figsize=(5.5, 3.6), constrained_layout=True)
+    loss_axis.plot(x, view.loss, color="#0072b2", marker="o", markersize=3, label=view.label)
+    loss_axis.set_xlabel("alpha" if target else "direction 1")
+    loss_axis.set_ylabel(view.label, color="#0072b2")
+    accuracy_axis = loss_axis.twinx()
+    accuracy_axis.plot(x, view.accuracy, color="#d55e00", marker="s", markersize=3, linestyle="--", label="accuracy")
+    accuracy_axis.set_ylabel("accuracy", color="#d55e00")
+    for position in ((0.0, 1.0) if target else (0.0,)):
+        loss_axis.axvline(position, color="grey", linewidth=0.6, linestyle=":")
+    loss_axis.set_title(f"Loss along a line ({_title_suffix(view.attrs, view.done)})")
+    return figure
+
+
+def _contour_figure(view: _Landscape, x: np.ndarray, y: np.ndarray):
+    trajectory = _trajectory(view.group)
+    labels = _axis_labels(view.group)
+    # The compressed layout removes the space a fixed aspect ratio leaves around the panels.
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.9), layout="compressed")
+    panels = ((axes[0], view.loss, view.label, "viridis", view.capped), (axes[1], view.accuracy, "accuracy", "cividis", False))
+    for axis, values, name, cmap, capped in panels:
         if values.count() == 0:
             axis.set_title(f"{name}: no finite values")
             continue
         levels = contour_levels(values)
-        filled = axis.contourf(x, y, values, levels=levels, cmap=cmap)
+        filled = axis.contourf(x, y, values, levels=levels, cmap=cmap, extend="max" if capped else "neither")
         axis.contour(x, y, values, levels=levels[::3], colors="k", linewidths=0.4, alpha=0.6)
-        figure.colorbar(filled, ax=axis, label=name)
-        _decorate(axis, trajectory, name, labels)
-    figure.suptitle(f"Loss landscape ({suffix})")
-    written += save(figure, out, "landscape_contour", formats)
+        add_colorbar(axis, filled, name)
+        _decorate(axis, trajectory, labels)
+        axis.set_title(name)
+    figure.suptitle(f"Loss landscape ({_title_suffix(view.attrs, view.done)})")
+    _add_marker_legend(figure, axes[0], trajectory)
+    return figure
 
-    figure, axis = plt.subplots(figsize=(5, 4.2), constrained_layout=True)
+
+def _heatmap_figure(view: _Landscape, x: np.ndarray, y: np.ndarray):
+    trajectory = _trajectory(view.group)
+    figure, axis = plt.subplots(figsize=(5, 4.4), layout="compressed")
     cmap = plt.get_cmap("viridis").with_extremes(bad="#d0d0d0")  # diverged or not yet evaluated
-    mesh = axis.pcolormesh(x, y, loss, cmap=cmap, shading="nearest")
-    figure.colorbar(mesh, ax=axis, label=label)
-    _decorate(axis, trajectory, label, labels)
-    axis.set_title(f"Loss heatmap ({suffix})", fontsize=8)
-    written += save(figure, out, "landscape_heatmap", formats)
+    mesh = axis.pcolormesh(x, y, view.loss, cmap=cmap, shading="nearest")
+    add_colorbar(axis, mesh, view.label, extend="max" if view.capped else "neither")
+    _decorate(axis, trajectory, _axis_labels(view.group))
+    # A figure title is centred over the panel and its colour bar together, so a long one cannot run under the bar.
+    title = f"Loss heatmap ({_title_suffix(view.attrs, view.done)})"
+    figure.suptitle("\n".join(textwrap.wrap(title, 75)), fontsize=9)
+    _add_marker_legend(figure, axis, trajectory)
+    return figure
 
+
+def _surface_figure(view: _Landscape, x: np.ndarray, y: np.ndarray):
+    labels = _axis_labels(view.group)
     figure = plt.figure(figsize=(5.5, 4.5))
     axis = figure.add_subplot(projection="3d")
     grid_x, grid_y = np.meshgrid(x, y)
-    axis.plot_surface(grid_x, grid_y, loss.filled(np.nan), cmap="viridis", linewidth=0, antialiased=True)
-    axis.set_xlabel(labels[0])
-    axis.set_ylabel(labels[1])
-    axis.set_zlabel(label)
+    # One polygon per grid cell: the default of at most 50 rows and columns would skip grid points.
+    axis.plot_surface(grid_x, grid_y, view.loss.filled(np.nan), cmap="viridis", linewidth=0, antialiased=True,
+                      rstride=1, cstride=1)
+    axis.view_init(elev=SURFACE_ELEVATION, azim=_surface_azimuth(view.loss))
+    for axis_ in (axis.xaxis, axis.yaxis, axis.zaxis):
+        axis_.set_major_locator(MaxNLocator(nbins=4, steps=ROUND_STEPS))
+    axis.tick_params(labelsize=7, pad=1)
+    axis.set_xlabel(labels[0], labelpad=4)
+    axis.set_ylabel(labels[1], labelpad=4)
+    axis.set_zlabel(view.label, labelpad=4)
     axis.set_title("Loss surface")
-    written += save(figure, out, "landscape_surface", formats)
-    written.append(_write_html_surface(x, y, loss, label, labels, out / "landscape_surface.html"))
-    return written
+    return figure
+
+
+def _surface_azimuth(loss: np.ma.MaskedArray) -> float:
+    """Pick the view whose near edges have the lowest mean loss.
+
+    High walls then stand behind the minimum instead of hiding it, and matplotlib's
+    painter's-algorithm drawing has no near wall to fold over the far side.
+    """
+    filled = loss.filled(np.nan)  # rows follow y, columns follow x
+    edges = {"x_min": filled[:, 0], "x_max": filled[:, -1], "y_min": filled[0, :], "y_max": filled[-1, :]}
+    best, best_mean = SURFACE_VIEWS[0][0], np.inf
+    for azimuth, x_edge, y_edge in SURFACE_VIEWS:
+        near = np.concatenate([edges[x_edge], edges[y_edge]])
+        near = near[np.isfinite(near)]
+        mean = float(near.mean()) if near.size else np.inf
+        if mean < best_mean:
+            best, best_mean = azimuth, mean
+    return best
 
 
 def _axis_labels(group) -> tuple[str, str]:
@@ -129,16 +216,50 @@ def _axis_labels(group) -> tuple[str, str]:
     return "direction 1", "direction 2"
 
 
-def _decorate(axis, trajectory, name: str, labels: tuple[str, str]) -> None:
-    axis.plot(0, 0, marker="+", color="red", markersize=10)
-    if trajectory is not None and trajectory.ndim == 2 and trajectory.shape[1] == 2:
-        # The path of the training checkpoints; the orange dot is the first one.
-        axis.plot(trajectory[:, 0], trajectory[:, 1], color="white", linewidth=1.2, marker="o", markersize=2.5)
-        axis.plot(trajectory[0, 0], trajectory[0, 1], marker="o", color="orange", markersize=5)
+def _trajectory(group) -> np.ndarray | None:
+    """Return the training checkpoints' [N, 2] plane coordinates, or None when the file has none."""
+    if "trajectory" not in group:
+        return None
+    trajectory = np.asarray(group["trajectory"], dtype=np.float64)
+    return trajectory if trajectory.ndim == 2 and trajectory.shape[1] == 2 and len(trajectory) else None
+
+
+def _ends_at_centre(trajectory: np.ndarray) -> bool:
+    scale = max(float(np.abs(trajectory).max()), 1e-12)
+    return bool(np.abs(trajectory[-1]).max() <= 1e-6 * scale)
+
+
+def _decorate(axis, trajectory: np.ndarray | None, labels: tuple[str, str]) -> None:
+    """Mark the centre and, for PCA directions, the training path with its start and end."""
+    outline = [patheffects.withStroke(linewidth=2.2, foreground="black")]
+    if trajectory is None:
+        axis.plot(0, 0, marker="+", color=CENTRE_COLOR, markersize=10, linestyle="none")
+    else:
+        centre = "end of training (centre)" if _ends_at_centre(trajectory) else "centre"
+        axis.plot(trajectory[:, 0], trajectory[:, 1], color=TRAJECTORY_COLOR, linewidth=1.2, marker="o", markersize=2.5,
+                  path_effects=outline, label="training path (one dot per checkpoint)")
+        axis.plot(trajectory[0, 0], trajectory[0, 1], marker="o", color=START_COLOR, markeredgecolor="black",
+                  markersize=6, linestyle="none", label="start of training")
+        if not _ends_at_centre(trajectory):
+            axis.plot(trajectory[-1, 0], trajectory[-1, 1], marker="s", color=START_COLOR, markeredgecolor="black",
+                      markersize=5, linestyle="none", label="end of training")
+        axis.plot(0, 0, marker="+", color=CENTRE_COLOR, markersize=10, markeredgewidth=1.5, linestyle="none",
+                  label=centre)
+    axis.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=ROUND_STEPS))
+    axis.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=ROUND_STEPS))
     axis.set_xlabel(labels[0])
     axis.set_ylabel(labels[1])
     axis.set_aspect("equal", adjustable="box")
-    axis.set_title(name)
+
+
+def _add_marker_legend(figure, axis, trajectory: np.ndarray | None) -> None:
+    """Explain the trajectory markers in one legend below the panels (nothing to explain without a trajectory)."""
+    handles, names = axis.get_legend_handles_labels()
+    if trajectory is None or not handles:
+        return
+    # A grey background keeps the white path line of the legend visible.
+    figure.legend(handles, names, loc="outside lower center", ncol=len(handles), fontsize=7, facecolor="#d9d9d9",
+                  framealpha=1.0)
 
 
 def _write_html_surface(x, y, loss: np.ma.MaskedArray, label: str, labels: tuple[str, str], path: Path) -> Path:

@@ -14,12 +14,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.colors import BoundaryNorm
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from vizpipe.analyses.conv_kernels import kernel_grid
 from vizpipe.errors import VizpipeError
 from vizpipe.render.activation_maximization import _as_rgb, _tile
-from vizpipe.render.common import STYLE, save
+from vizpipe.render.common import FRAME_COLOR, ROUND_STEPS, STYLE, add_colorbar, save
 from vizpipe.store import Results, read_results
 
 log = logging.getLogger(__name__)
@@ -133,23 +135,36 @@ def _landscapes(panels, spec, style):
         high = low + 1e-12
     levels = np.linspace(low, high, LANDSCAPE_LEVELS + 1)
     norm = BoundaryNorm(levels, plt.get_cmap(style.cmap).N)
+    capped = spec.max_val is not None and any(_is_capped(panel.results, spec.max_val) for panel in panels)
 
-    figure, axes = plt.subplots(
-        1, len(panels), figsize=(style.width, style.panel_height), squeeze=False, constrained_layout=True
-    )
+    # The compressed layout packs the fixed-aspect panels without the gaps plain constrained layout leaves.
+    figure, axes = plt.subplots(1, len(panels), figsize=(style.width, style.panel_height), squeeze=False,
+                                layout="compressed")
     filled = None
     for axis, panel, loss in zip(axes[0], panels, losses):
         x = np.asarray(panel.results["landscape"]["x"])
         y = np.asarray(panel.results["landscape"]["y"])
-        filled = axis.contourf(x, y, loss, levels=levels, cmap=style.cmap, norm=norm)
+        filled = axis.contourf(x, y, loss, levels=levels, cmap=style.cmap, norm=norm,
+                               extend="max" if capped else "neither")
         axis.contour(x, y, loss, levels=levels[::2], colors="k", linewidths=0.3, alpha=0.6)
         axis.plot(0, 0, marker="+", color="#d55e00", markersize=6)
         axis.set_aspect("equal")
+        for axis_ in (axis.xaxis, axis.yaxis):
+            axis_.set_major_locator(MaxNLocator(nbins="auto", steps=ROUND_STEPS))
         axis.set_title(panel.label)
         axis.set_xlabel("direction 1")
     axes[0][0].set_ylabel("direction 2")
-    figure.colorbar(filled, ax=axes[0].tolist(), label="log10 loss" if spec.log_scale else "loss", shrink=0.9)
+    label = "log10 loss" if spec.log_scale else "loss"
+    if capped:
+        label += f" (capped at {spec.max_val:g})"
+    # One bar for the shared scale, beside the last panel and as tall as it.
+    add_colorbar(axes[0][-1], filled, label)
     return figure, (low, high), {}
+
+
+def _is_capped(results: Results, max_val: float) -> bool:
+    loss = np.asarray(results["landscape"]["loss"], dtype=np.float64)
+    return bool(np.any(loss[np.isfinite(loss)] > max_val))
 
 
 def _eigenvalues(panels, spec, style):
@@ -195,13 +210,17 @@ def _image_grid(panels, spec, style, group: str, image_of):
     layers = _layers_of(panels, spec, group)
     figure, axes = plt.subplots(
         len(panels), len(layers), figsize=(style.width, style.panel_height * len(panels)),
-        squeeze=False, constrained_layout=True,
+        squeeze=False, layout="compressed",
     )
     for row, panel in enumerate(panels):
         for column, layer in enumerate(layers):
             axis = axes[row][column]
-            image, cmap = image_of(panel.results[group][layer], panel, layer)
+            image, cmap, tiles = image_of(panel.results[group][layer], panel, layer)
             axis.imshow(image, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            for left, top, width, height in tiles:
+                # pixel centres sit on integers, so a tile's edges are half a pixel outside them
+                axis.add_patch(Rectangle((left - 0.5, top - 0.5), width, height, fill=False, edgecolor=FRAME_COLOR,
+                                         linewidth=0.4))
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
@@ -218,9 +237,13 @@ def _activation_maximization(panels, spec, style):
             images[np.asarray(group["dead"], dtype=bool)[: spec.max_channels]] = 0.5
         columns = int(np.ceil(np.sqrt(len(images))))
         grid = _tile(images, columns, padding=1, fill=1.0)
+        # A frame around every tile keeps white images visible on the white page.
+        height, width = images.shape[2:]
+        tiles = [((index % columns) * (width + 1), (index // columns) * (height + 1), width, height)
+                 for index in range(len(images))]
         if grid.shape[2] == 1:
-            return grid[:, :, 0], "gray"
-        return _as_rgb(grid).clip(0, 1), None
+            return grid[:, :, 0], "gray", tiles
+        return _as_rgb(grid).clip(0, 1), None, tiles
 
     return _image_grid(panels, spec, style, "activation_maximization", image_of)
 
@@ -230,9 +253,9 @@ def _kernels(panels, spec, style):
         normalize = panel.results.group_attrs[f"conv_kernels/{layer}"].get("normalize", "tile")
         grid = kernel_grid(torch.from_numpy(np.asarray(group["weight"])), normalize=normalize).numpy()
         if grid.ndim == 3:
-            return np.where(np.isnan(grid), 1.0, grid), None
+            return np.where(np.isnan(grid), 1.0, grid), None, []
         cmap = plt.get_cmap("gray" if normalize == "tile" else "RdBu_r").copy()
         cmap.set_bad("#cfe0f0")  # padding between tiles
-        return np.ma.masked_invalid(grid), cmap
+        return np.ma.masked_invalid(grid), cmap, []
 
     return _image_grid(panels, spec, style, "conv_kernels", image_of)

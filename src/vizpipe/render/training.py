@@ -7,6 +7,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from vizpipe.render.common import save
 from vizpipe.store import Results
@@ -26,4 +27,6 @@ def render_training(results: Results, out: Path, formats) -> list[Path]:
     accuracy_axis.set_xlabel("epoch")
     accuracy_axis.set_ylabel("accuracy")
     accuracy_axis.legend()
+    for axis in (loss_axis, accuracy_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     return save(figure, out, "training", formats)
