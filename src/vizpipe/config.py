@@ -11,7 +11,7 @@ built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -125,6 +125,10 @@ class ActivationMaximizationConfig:
     compile: bool = False  # torch.compile the model cut at the layer
 
 
+# Analyses in the order a job runs them, and the order run names list them.
+ANALYSIS_ORDER = ("conv_kernels", "landscape", "hessian", "activation_maximization")
+
+
 @dataclass
 class AnalysesConfig:
     """Selected analyses; a ``None`` entry is not run."""
@@ -173,6 +177,9 @@ class FigureSelectConfig:
     """Which jobs a paper figure shows: a multirun folder, or an MLflow query."""
 
     runs_folder: Optional[str] = None  # multirun folder: its <job number>/results.h5 files, in job order
+    jobs: Optional[List[int]] = None  # runs_folder: only these job numbers, in this order
+    # runs_folder: only jobs whose stored config has these values, e.g. {analysis.landscape.noise_range: 0.1}
+    where: Dict[str, Any] = field(default_factory=dict)
     experiment_name: Optional[str] = None  # MLflow experiment to search instead of a folder
     filter_string: str = ""  # MLflow search filter, e.g. "params.seed = '0'"
     order_by: List[str] = field(default_factory=lambda: ["attributes.start_time ASC"])
@@ -188,7 +195,9 @@ class FigureSpecConfig:
     name: str = MISSING  # file stem of the figure
     title: Optional[str] = None
     select: FigureSelectConfig = field(default_factory=FigureSelectConfig)
-    label: Optional[str] = None  # config key whose value labels each job, e.g. analysis.landscape.noise_range
+    # Config key whose value labels each job, e.g. analysis.landscape.noise_range; None: the
+    # overrides that differ between the selected jobs, e.g. model=mlp.
+    label: Optional[str] = None
     layers: Optional[List[str]] = None  # activation_maximization, kernels: None for every layer of the first job
     max_channels: int = 16  # activation_maximization: channels shown per panel
     log_scale: bool = False  # landscapes: plot log10(loss)
