@@ -11,7 +11,7 @@ built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -179,7 +179,9 @@ class FigureSelectConfig:
     runs_folder: Optional[str] = None  # multirun folder: its <job number>/results.h5 files, in job order
     jobs: Optional[List[int]] = None  # runs_folder: only these job numbers, in this order
     # runs_folder: only jobs whose stored config has these values, e.g. {analysis.landscape.noise_range: 0.1}
-    where: Dict[str, Any] = field(default_factory=dict)
+    # Typed Any so that a command-line dict replaces the None: Hydra merges a dict into
+    # a Dict node, which struct mode rejects, and cannot merge into a None Dict node.
+    where: Any = None
     experiment_name: Optional[str] = None  # MLflow experiment to search instead of a folder
     filter_string: str = ""  # MLflow search filter, e.g. "params.seed = '0'"
     order_by: List[str] = field(default_factory=lambda: ["attributes.start_time ASC"])

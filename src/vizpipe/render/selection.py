@@ -116,11 +116,22 @@ def _select_from_mlflow(select: Any, download_dir: Path) -> list[SelectedJob]:
 
 def _flat_where(where: Any) -> dict[str, Any]:
     """Flatten ``select.where`` to dotted keys, so ``{a.b: 1}`` and ``{a: {b: 1}}`` mean the same."""
+    if where is None:
+        return {}
+    plain = OmegaConf.to_container(where) if OmegaConf.is_config(where) else where
+    if not isinstance(plain, Mapping):
+        raise VizpipeError(
+            f"invalid figure.select.where {plain!r}: expected a mapping of config keys to values, "
+            "e.g. figure.select.where={analysis.landscape.noise_range:0.1}"
+        )
+    return _flatten_mapping(plain)
+
+
+def _flatten_mapping(mapping: Mapping[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
-    plain = OmegaConf.to_container(where) if OmegaConf.is_config(where) else dict(where or {})
-    for key, value in plain.items():
+    for key, value in mapping.items():
         if isinstance(value, Mapping) and value:
-            flat.update({f"{key}.{inner}": v for inner, v in _flat_where(value).items()})
+            flat.update({f"{key}.{inner}": v for inner, v in _flatten_mapping(value).items()})
         else:
             flat[str(key)] = value
     return flat
