@@ -127,7 +127,7 @@ def test_child_metric_names_line_up(am_sweep):
 
 
 def _start_child(uri: str, sweep_dir: str, job_number: int, queue) -> None:
-    sweep = SweepInfo(Path(sweep_dir), job_number, ["seed=range(0,6)"], {"seed"}, "sweep seed=range(0,6)")
+    sweep = SweepInfo(Path(sweep_dir), job_number, ["seed=range(0,6)"], {"seed"}, ["hessian"])
     tracker = Tracker(True, uri, "race", sweep_dir)
     tracker.start(f"job {job_number}", {"seed": job_number}, sweep=sweep)
     tracker.end("FINISHED", sweep)

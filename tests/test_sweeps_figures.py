@@ -112,6 +112,9 @@ def test_figure_specs_render_byte_identical(checkpoint_sweep, tmp_path, spec):
     assert written == sorted([f"{spec}.png", f"{spec}.pdf", f"{spec}_sources.json"])
     for name in written:
         assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
+    # The spec names no label key, so the swept override labels each job.
+    sources = json.loads((outputs[0] / f"{spec}_sources.json").read_text())["sources"]
+    assert [s["label"] for s in sources] == ["checkpoint=seed1.pt", "checkpoint=seed2.pt"]
 
 
 def test_mlflow_query_selects_and_logs_figures_run(checkpoint_sweep, tmp_path):

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from vizpipe.config import register_configs
 from vizpipe.errors import VizpipeError
 from vizpipe.overrides import check_overrides
-from vizpipe.tracking import LOG_LATER_COMMAND, MAX_PARAM_LENGTH, SweepInfo, Tracker, find_run_results, job_run_name, resolve_tracking_uri
+from vizpipe.tracking import LOG_LATER_COMMAND, MAX_PARAM_LENGTH, SweepInfo, Tracker, job_run_name, override_key
 
 if TYPE_CHECKING:
     from vizpipe.runner import JobSummary
@@ -50,27 +50,49 @@ def _log_to_files(level: int, message: str) -> None:
 
 
 def _sweep_info(sweep_dir: Path, job_number: int, analyses: list[str], overrides: list[str]) -> SweepInfo:
-    """Describe a multirun job, with the sweep's overrides as typed (read from multirun.yaml when present)."""
+    """Describe a multirun job, with the sweep's overrides read from multirun.yaml.
+
+    ``overrides`` stand in for the sweep's when multirun.yaml is missing.
+    """
     sweep_dir = sweep_dir.resolve()
     multirun_yaml = sweep_dir / "multirun.yaml"
     if multirun_yaml.is_file():
-        overrides = list(OmegaConf.select(OmegaConf.load(multirun_yaml), "hydra.overrides.task", default=overrides))
-    overrides = [o for o in overrides if not o.startswith("hydra")]
-    swept = _swept_keys(overrides)
-    name = "sweep " + job_run_name(analyses, [o for o in overrides if _override_key(o) in swept])
-    return SweepInfo(sweep_dir=sweep_dir, job_number=job_number, overrides=overrides, swept_keys=swept, run_name=name)
+        overrides = _sweep_overrides(OmegaConf.load(multirun_yaml))
+    overrides = [o for o in overrides if not override_key(o).startswith("hydra")]
+    return SweepInfo(sweep_dir, job_number, overrides, _swept_keys(overrides), list(analyses))
 
 
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
+def _sweep_overrides(multirun: DictConfig) -> list[str]:
+    """Return a sweep's overrides as Hydra's basic sweeper combines them.
+
+    The sweeper reads ``hydra.sweeper.params`` (which an experiment preset can
+    set) and then the command line. A key given in both keeps its place and
+    takes the command line's value.
+    """
+    params = OmegaConf.select(multirun, "hydra.sweeper.params", default=None)
+    combined = [f"{key}={value}" for key, value in (OmegaConf.to_container(params) if params else {}).items()]
+    combined += list(OmegaConf.select(multirun, "hydra.overrides.task", default=[]))
+    by_key: dict[str, str] = {}
+    for override in combined:
+        by_key[override.split("=", 1)[0]] = override
+    return list(by_key.values())
 
 
 def _swept_keys(overrides: list[str]) -> set[str]:
     """Return the keys that a sweep varies (``key=a,b``, ``range()``, ``choice()``, ``glob()``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return {override.key_or_group for override in parsed if override.is_sweep_override()}
+    parser = OverridesParser.create()
+    swept = set()
+    for override in overrides:
+        try:
+            parsed = parser.parse_override(override)
+        except HydraException:
+            continue  # another sweeper's syntax: the job runs anyway, so leave the key out of the names
+        if parsed.is_sweep_override():
+            swept.add(parsed.key_or_group)
+    return swept
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
@@ -88,8 +110,9 @@ def _run(cfg: DictConfig) -> None:
     sweep = None
     if hydra_cfg.mode == RunMode.MULTIRUN:
         sweep = _sweep_info(Path(hydra_cfg.sweep.dir), int(hydra_cfg.job.num), analyses, overrides)
-        # Name a sweep's child run by what varies across the sweep only.
-        overrides = [o for o in overrides if _override_key(o) in sweep.swept_keys]
+        # In a multirun, overrides.task contains the job's value of every swept key,
+        # also of the sweeper's params. The child run is named by those alone.
+        overrides = [o for o in overrides if override_key(o) in sweep.swept_keys]
     run_name = job_run_name(analyses, overrides)
     log.info("Run folder: %s", run_dir)
     # A scheduler's SIGTERM (SLURM at its time limit, say) stops the job like
@@ -154,44 +177,24 @@ def _figures(cfg: DictConfig) -> None:
         print(path)
 
 
-def _select_sources(select: DictConfig, download_dir: Path) -> list[tuple[str, Path, str]]:
-    """Return (source id, results path, fallback label) of every job that a figure spec selects."""
-    if (select.runs_folder is None) == (select.experiment_name is None):
-        raise VizpipeError(
-            "figure.select needs exactly one of runs_folder=<multirun folder> or experiment_name=<MLflow experiment>"
-        )
-    if select.runs_folder is not None:
-        folder = Path(select.runs_folder).expanduser()
-        if not folder.is_dir():
-            raise VizpipeError(f"figure.select.runs_folder {folder} not found; pass a multirun folder")
-        jobs = sorted((p for p in folder.iterdir() if (p / "results.h5").is_file() and p.name.isdigit()), key=lambda p: int(p.name))
-        return [(str(job / "results.h5"), job / "results.h5", f"job {job.name}") for job in jobs][: select.max_runs]
-
-    uri = resolve_tracking_uri(select.tracking_uri, "outputs")
-    try:
-        found = find_run_results(
-            uri, select.experiment_name, select.filter_string, list(select.order_by), select.max_runs, download_dir
-        )
-    except LookupError as error:
-        raise VizpipeError(f"{error}; check figure.select.experiment_name and figure.select.tracking_uri") from error
-    except Exception as error:  # noqa: BLE001 - MLflow reports a bad filter or an unreachable server in many types
-        raise VizpipeError(f"MLflow search failed at {uri} ({type(error).__name__}: {error}); check figure.select") from error
-    return [(run.run_id, run.results_path, run.run_name) for run in found]
-
-
 def _paper_figure(cfg: DictConfig) -> list[Path]:
     """Render one figure spec and log it, with its source runs, to an MLflow figures run."""
-    from vizpipe.render.paper import load_panels, render_paper_figure
-
     from vizpipe.render.figures import SUPPORTED_FORMATS
+    from vizpipe.render.paper import KIND_ANALYSIS, load_panels, render_paper_figure
+    from vizpipe.render.selection import check_selected_analysis, override_labels, select_jobs
 
     spec = cfg.figure
     unknown = [f for f in cfg.formats if f not in SUPPORTED_FORMATS]
     if unknown or not cfg.formats:
         raise VizpipeError(f"invalid figure formats {list(cfg.formats)}; use any of {', '.join(SUPPORTED_FORMATS)}")
     out_dir = Path(cfg.out_dir or "outputs/figures").expanduser()
-    sources = _select_sources(spec.select, out_dir / ".mlflow_downloads")
-    figure = render_paper_figure(load_panels(sources, spec.label), spec, cfg.style, out_dir, list(cfg.formats))
+    jobs = select_jobs(spec.select, out_dir / ".mlflow_downloads")
+    # The override labels are the fallback that load_panels uses when figure.label names no config key.
+    labels = override_labels(jobs)
+    panels = load_panels([(job.source, job.results_path, label) for job, label in zip(jobs, labels)], spec.label)
+    group = KIND_ANALYSIS.get(spec.kind)
+    check_selected_analysis(spec, jobs, [group is None or group in panel.results for panel in panels])
+    figure = render_paper_figure(panels, spec, cfg.style, out_dir, list(cfg.formats))
     sources_path = out_dir / f"{spec.name}_sources.json"
     listing = [{"source": source, "label": label} for source, label in zip(figure.sources, figure.labels)]
     sources_path.write_text(json.dumps({"figure": spec.name, "sources": listing}, indent=2) + "\n")
@@ -210,8 +213,14 @@ def _paper_figure(cfg: DictConfig) -> list[Path]:
     return [*figure.paths, sources_path]
 
 
-def _log_job_folder(run_dir: Path, tracking_uri: str | None, experiment_name: str | None, sweep: SweepInfo | None) -> str | None:
-    """Log a finished run folder as a new MLflow run; return its run id, or None when tracking failed."""
+def _log_job_folder(
+    run_dir: Path, tracking_uri: str | None, experiment_name: str | None, sweep: SweepInfo | None, force: bool
+) -> str | None:
+    """Log a finished run folder as a new MLflow run; return its run id, or None when tracking failed.
+
+    A folder that already has a run in the target experiment (an earlier
+    ``vizpipe-log``, or the job's own run) is skipped unless ``force``.
+    """
     from vizpipe.runner import JOB_RECORD
 
     config_path = run_dir / ".hydra" / "config.yaml"
@@ -224,6 +233,14 @@ def _log_job_folder(run_dir: Path, tracking_uri: str | None, experiment_name: st
         params = OmegaConf.to_container(cfg, resolve=False)
     record_path = run_dir / JOB_RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    # A failure here leaves the folder unlogged, and rerunning the same command would fail again.
+    if tracking_uri:
+        hint = f"{run_dir} is not logged; check that {tracking_uri} is reachable and run {LOG_LATER_COMMAND} again"
+    else:
+        hint = (
+            f"{run_dir} is not logged; the job's own tracking store is unreachable, "
+            "so pass --tracking-uri with a store that is reachable"
+        )
     tracker = Tracker(
         True,
         tracking_uri or OmegaConf.select(cfg, "tracking.tracking_uri"),
@@ -231,9 +248,17 @@ def _log_job_folder(run_dir: Path, tracking_uri: str | None, experiment_name: st
         OmegaConf.select(cfg, "output_root", default="outputs"),
         run_dir,
         OmegaConf.select(cfg, "tracking.max_param_length", default=MAX_PARAM_LENGTH),
+        failure_hint=hint,
     )
+    existing = tracker.find_logged_run(record.get("mlflow_run_id"))
+    if not tracker.enabled:
+        return None
+    if existing is not None and not force:
+        print(f"{run_dir}: skipped, already logged as mlflow run {existing} in {tracker.uri} "
+              f"(experiment {tracker.experiment_name!r}); pass --force to log it again")
+        return existing
     tags = {"vizpipe.run_dir": str(run_dir.resolve()), "vizpipe.logged_later": "true"}
-    tracker.start(record.get("run_name") or run_dir.name, params, tags, sweep)
+    tracker.start(record.get("run_name") or _fallback_run_name(run_dir, sweep), params, tags, sweep)
     tracker.log_metrics(record.get("metrics", {}))
     tracker.log_artifact(run_dir / "results.h5")
     tracker.log_artifact(run_dir / "figures", "figures")
@@ -246,8 +271,19 @@ def _log_job_folder(run_dir: Path, tracking_uri: str | None, experiment_name: st
     return tracker.run_id
 
 
+def _fallback_run_name(run_dir: Path, sweep: SweepInfo | None) -> str:
+    """Name the run of a folder without a job record, as the job would have, from its ``.hydra/overrides.yaml``."""
+    overrides_path = run_dir / ".hydra" / "overrides.yaml"
+    if not overrides_path.is_file():
+        return run_dir.name
+    overrides = [o for o in OmegaConf.load(overrides_path) if not override_key(o).startswith("hydra")]
+    if sweep is not None:
+        overrides = [o for o in overrides if override_key(o) in sweep.swept_keys]
+    return job_run_name(_analyses_of(run_dir), overrides)
+
+
 def _analyses_of(run_dir: Path) -> list[str]:
-    from vizpipe.runner import ANALYSIS_ORDER
+    from vizpipe.config import ANALYSIS_ORDER
 
     config_path = run_dir / ".hydra" / "config.yaml"
     if not config_path.is_file():
@@ -267,6 +303,8 @@ def log_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the job's tracking.tracking_uri, "
                         "else $MLFLOW_TRACKING_URI, else sqlite:///<output_root>/mlflow.db)")
     parser.add_argument("--experiment", help="MLflow experiment name (default: the job's tracking.experiment_name)")
+    parser.add_argument("--force", action="store_true", help="log a folder again even if the experiment already "
+                        "has a run of it (from an earlier vizpipe-log, or the job's own run)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
 
@@ -277,14 +315,14 @@ def log_main(argv: list[str] | None = None) -> None:
                 raise VizpipeError(f"run folder not found: {folder}")
             multirun_yaml = folder / "multirun.yaml"
             if not multirun_yaml.is_file():
-                failed += _log_job_folder(folder, args.tracking_uri, args.experiment, None) is None
+                failed += _log_job_folder(folder, args.tracking_uri, args.experiment, None, args.force) is None
                 continue
             jobs = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
             if not jobs:
                 raise VizpipeError(f"multirun folder {folder} has no job folders (0, 1, ...)")
             for job in jobs:
                 sweep = _sweep_info(folder, int(job.name), _analyses_of(job), [])
-                failed += _log_job_folder(job, args.tracking_uri, args.experiment, sweep) is None
+                failed += _log_job_folder(job, args.tracking_uri, args.experiment, sweep, args.force) is None
     except VizpipeError as error:
         print(f"{LOG_LATER_COMMAND}: error: {error}", file=sys.stderr)
         sys.exit(2)

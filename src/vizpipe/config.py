@@ -125,6 +125,10 @@ class ActivationMaximizationConfig:
     compile: bool = False  # torch.compile the model cut at the layer
 
 
+# Analyses in the order a job runs them, and the order run names list them.
+ANALYSIS_ORDER = ("conv_kernels", "landscape", "hessian", "activation_maximization")
+
+
 @dataclass
 class AnalysesConfig:
     """Selected analyses; a ``None`` entry is not run."""
@@ -173,6 +177,11 @@ class FigureSelectConfig:
     """Which jobs a paper figure shows: a multirun folder, or an MLflow query."""
 
     runs_folder: Optional[str] = None  # multirun folder: its <job number>/results.h5 files, in job order
+    jobs: Optional[List[int]] = None  # runs_folder: only these job numbers, in this order
+    # runs_folder: only jobs whose stored config has these values, e.g. {analysis.landscape.noise_range: 0.1}
+    # Typed Any so that a command-line dict replaces the None: Hydra merges a dict into
+    # a Dict node, which struct mode rejects, and cannot merge into a None Dict node.
+    where: Any = None
     experiment_name: Optional[str] = None  # MLflow experiment to search instead of a folder
     filter_string: str = ""  # MLflow search filter, e.g. "params.seed = '0'"
     order_by: List[str] = field(default_factory=lambda: ["attributes.start_time ASC"])
@@ -188,7 +197,9 @@ class FigureSpecConfig:
     name: str = MISSING  # file stem of the figure
     title: Optional[str] = None
     select: FigureSelectConfig = field(default_factory=FigureSelectConfig)
-    label: Optional[str] = None  # config key whose value labels each job, e.g. analysis.landscape.noise_range
+    # Config key whose value labels each job, e.g. analysis.landscape.noise_range; None: the
+    # overrides that differ between the selected jobs, e.g. model=mlp.
+    label: Optional[str] = None
     layers: Optional[List[str]] = None  # activation_maximization, kernels: None for every layer of the first job
     max_channels: int = 16  # activation_maximization: channels shown per panel
     log_scale: bool = False  # landscapes: plot log10(loss)

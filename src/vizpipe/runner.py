@@ -54,6 +54,7 @@ from vizpipe.analyses.landscape import coordinates
 from vizpipe.analyses.modules import find_layer
 from vizpipe.data.base import ImageDataset, batches
 from vizpipe.config import (
+    ANALYSIS_ORDER,
     ActivationMaximizationConfig,
     AnalysesConfig,
     ConvKernelsConfig,
@@ -85,7 +86,6 @@ _SCHEMA_TYPES = {
 _SCHEMA_TYPES.update({f"Optional[{name}]": cls for name, cls in list(_SCHEMA_TYPES.items())})
 
 WEIGHT_SOURCES = ("random", "checkpoint", "train")
-ANALYSIS_ORDER = ("conv_kernels", "landscape", "hessian", "activation_maximization")
 # Analyses that split their work over torchrun ranks; the others run on rank 0 only.
 SHARDED_ANALYSES = ("landscape", "hessian")
 # Keys that change neither the computation nor the stored values: a run folder

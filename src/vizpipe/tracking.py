@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vizpipe.config import ANALYSIS_ORDER
+
 log = logging.getLogger(__name__)
 
 # MLflow 2.8 and later accept parameter values of up to 6,000 characters, MLflow
@@ -100,8 +102,13 @@ def server_param_limit(error: Exception) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def override_key(override: str) -> str:
+    """Return the config key or group of a Hydra override, without its ``+``, ``++`` or ``~`` prefix."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def job_run_name(analyses: list[str], overrides: list[str]) -> str:
-    """Build a run name from the selected analyses and the command-line overrides.
+    """Build a run name from the selected analyses and the job's overrides.
 
     ``analysis=[...]`` overrides are left out because the analyses lead the name,
     and ``analysis.<name>.`` prefixes are dropped, so a landscape sweep point
@@ -109,7 +116,7 @@ def job_run_name(analyses: list[str], overrides: list[str]) -> str:
     """
     parts = []
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
+        key = override_key(override)
         if key in ("analysis", "hydra") or key.startswith("hydra."):
             continue
         for name in analyses:
@@ -151,9 +158,23 @@ class SweepInfo:
 
     sweep_dir: Path
     job_number: int
-    overrides: list[str]  # the sweep's command-line overrides, e.g. ``seed=range(0,3)``
+    # The sweep's overrides as typed: the sweeper's params (``hydra.sweeper.params``,
+    # also from an experiment preset), then the command line, e.g. ``seed=range(0,3)``.
+    overrides: list[str]
     swept_keys: set[str]  # keys whose value varies across the sweep's jobs
-    run_name: str  # name of the parent run
+    analyses: list[str]  # the analyses this job runs
+
+    def parent_run_name(self, analyses: list[str]) -> str:
+        """Name the parent run by ``analyses``, the union over the sweep's jobs, and the swept overrides."""
+        swept = [override for override in self.overrides if override_key(override) in self.swept_keys]
+        return "sweep " + job_run_name(analyses, swept)
+
+
+def analysis_union(*selections: list[str]) -> list[str]:
+    """Return the analyses named in any of ``selections``, in the order jobs run them."""
+    names = {name for selection in selections for name in selection}
+    known = [name for name in ANALYSIS_ORDER if name in names]
+    return known + sorted(names - set(known))
 
 
 class Tracker:
@@ -167,13 +188,23 @@ class Tracker:
         output_root: str | Path,
         run_dir: str | Path | None = None,
         max_param_length: int = MAX_PARAM_LENGTH,
+        failure_hint: str | None = None,
     ):
+        """``failure_hint`` ends the warning of a failed MLflow call. The default states that
+        the job goes on and names the ``vizpipe-log`` command that logs ``run_dir`` later."""
         self.enabled = enabled
         self.max_param_length = max_param_length
         self.uri = resolve_tracking_uri(tracking_uri, output_root) if enabled else None
         self.experiment_name = experiment_name
         self.output_root = Path(output_root).expanduser().resolve()
         self.run_dir = Path(run_dir).resolve() if run_dir is not None else None
+        if failure_hint is None:
+            failure_hint = (
+                "tracking is off for the rest of this job, results.h5 and the figures are still written to the run folder"
+            )
+            if self.run_dir is not None:
+                failure_hint += f"; log it later with: {LOG_LATER_COMMAND} {self.run_dir}"
+        self.failure_hint = failure_hint
         self.run_id: str | None = None
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
@@ -185,14 +216,7 @@ class Tracker:
         try:
             return function(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - any tracking failure must not end the job
-            later = ""
-            if self.run_dir is not None:
-                later = f"; log it later with: {LOG_LATER_COMMAND} {self.run_dir}"
-            log.warning(
-                "MLflow %s failed at %s (%s: %s); tracking is off for the rest of this job, "
-                "results.h5 and the figures are still written to the run folder%s",
-                action, self.uri, type(error).__name__, error, later,
-            )
+            log.warning("MLflow %s failed at %s (%s: %s); %s", action, self.uri, type(error).__name__, error, self.failure_hint)
             self.enabled = False
             return None
 
@@ -295,22 +319,34 @@ class Tracker:
         with _locked(sweep.sweep_dir / SWEEP_LOCK_FILE):
             state = json.loads(state_path.read_text()) if state_path.is_file() else {}
             if state.get("tracking_uri") == self.uri and state.get("experiment_id") == self.experiment_id:
+                # The first job need not run all of the sweep's analyses (a sweep over
+                # analysis selections or presets), so each job adds its own analyses
+                # and renames the parent when the union grows.
+                known = state.get("analyses", [])
+                analyses = analysis_union(known, sweep.analyses)
+                if analyses != known:
+                    name = shorten(sweep.parent_run_name(analyses), MAX_RUN_NAME_LENGTH)
+                    self._client.update_run(state["parent_run_id"], name=name)
+                    state["analyses"] = analyses
                 self._mark_parent(state, sweep.job_number, "RUNNING")
                 _write_json_atomically(state_path, state)
                 return state["parent_run_id"]
 
-            name = shorten(sweep.run_name, MAX_RUN_NAME_LENGTH)
+            analyses = analysis_union(sweep.analyses)
+            name = shorten(sweep.parent_run_name(analyses), MAX_RUN_NAME_LENGTH)
             tags = {"vizpipe.sweep_dir": str(sweep.sweep_dir.resolve()), "vizpipe.role": "sweep"}
             parent_id = self._create_run(name, tags)
             swept = {}
             for override in sweep.overrides:
-                key, _, value = override.partition("=")
-                swept[f"sweep.{key.lstrip('+~')}"] = value
+                swept[f"sweep.{override_key(override)}"] = override.partition("=")[2]
             self._log_params(parent_id, swept)
             multirun_yaml = sweep.sweep_dir / "multirun.yaml"
             if multirun_yaml.is_file():
                 self._client.log_artifact(parent_id, str(multirun_yaml))
-            state = {"tracking_uri": self.uri, "experiment_id": self.experiment_id, "parent_run_id": parent_id, "jobs": {}}
+            state = {
+                "tracking_uri": self.uri, "experiment_id": self.experiment_id, "parent_run_id": parent_id,
+                "analyses": analyses, "jobs": {},
+            }
             self._mark_parent(state, sweep.job_number, "RUNNING")
             _write_json_atomically(state_path, state)
             log.info("MLflow parent run %s for sweep %s", parent_id, sweep.sweep_dir)
@@ -396,6 +432,50 @@ class Tracker:
                         len(ended), self.run_dir, ", ".join(ended))
         return ended
 
+    def find_logged_run(self, job_run_id: str | None) -> str | None:
+        """Return the id of a run of ``run_dir`` in this experiment that already contains its results, or None.
+
+        Such a run is an earlier ``vizpipe-log`` of the folder, or the job's own
+        run ``job_run_id``, which a job records only when its tracking never
+        failed. When the store cannot be reached this returns None and turns
+        tracking off.
+        """
+        if not self.enabled or self.run_dir is None:
+            return None
+        self._guard("connect", self._connect)
+        if not self.enabled:
+            return None
+        return self._guard("search_runs", self._find_logged_run, job_run_id)
+
+    def _find_logged_run(self, job_run_id: str | None) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        if job_run_id:
+            try:
+                run = self._client.get_run(job_run_id)
+            except MlflowException:
+                run = None  # the job logged to another store
+            if (
+                run is not None
+                and run.info.experiment_id == self.experiment_id
+                and run.data.tags.get("vizpipe.run_dir") == str(self.run_dir)
+            ):
+                return job_run_id
+        # The folder is compared here, not in the filter string, because MLflow's
+        # filter strings have no escape for a quote inside a value.
+        token = None
+        while True:
+            page = self._client.search_runs(
+                [self.experiment_id], filter_string="tags.`vizpipe.logged_later` = 'true'", max_results=1000,
+                page_token=token,
+            )
+            for run in page:
+                if run.data.tags.get("vizpipe.run_dir") == str(self.run_dir):
+                    return run.info.run_id
+            token = page.token
+            if not token:
+                return None
+
     def log_image(self, path: str | Path, key: str, step: int = 0) -> None:
         """Log the image file ``path`` under ``key`` with MLflow's image API, so the UI shows it in its image view.
 
@@ -437,6 +517,7 @@ class RunResults:
     run_id: str
     run_name: str
     results_path: Path
+    overrides_path: Path | None  # the job's .hydra/overrides.yaml, None when the run has none
 
 
 def find_run_results(
@@ -467,14 +548,19 @@ def find_run_results(
     for run in runs:
         if len(found) == max_runs:
             break
-        local = Path(run.data.tags.get("vizpipe.run_dir", "/nonexistent")) / "results.h5"
+        run_dir = Path(run.data.tags.get("vizpipe.run_dir", "/nonexistent"))
+        local = run_dir / "results.h5"
         if local.is_file():
-            found.append(RunResults(run.info.run_id, run.info.run_name, local))
+            overrides = run_dir / ".hydra" / "overrides.yaml"
+            found.append(RunResults(run.info.run_id, run.info.run_name, local, overrides if overrides.is_file() else None))
             continue
         if "results.h5" not in {item.path for item in client.list_artifacts(run.info.run_id)}:
             continue
         target = download_dir / run.info.run_id
         target.mkdir(parents=True, exist_ok=True)
         path = client.download_artifacts(run.info.run_id, "results.h5", str(target))
-        found.append(RunResults(run.info.run_id, run.info.run_name, Path(path)))
+        overrides = None
+        if ".hydra/overrides.yaml" in {item.path for item in client.list_artifacts(run.info.run_id, ".hydra")}:
+            overrides = Path(client.download_artifacts(run.info.run_id, ".hydra/overrides.yaml", str(target)))
+        found.append(RunResults(run.info.run_id, run.info.run_name, Path(path), overrides))
     return found

@@ -22,6 +22,7 @@ from vizpipe.analyses.conv_kernels import kernel_grid
 from vizpipe.errors import VizpipeError
 from vizpipe.render.activation_maximization import _as_rgb, _tile
 from vizpipe.render.common import FRAME_COLOR, ROUND_STEPS, STYLE, add_colorbar, save
+from vizpipe.render.selection import KIND_ANALYSIS
 from vizpipe.store import Results, read_results
 
 log = logging.getLogger(__name__)
@@ -98,12 +99,13 @@ def render_paper_figure(panels: list[Panel], spec: Any, style: Any, out_dir: Pat
         raise VizpipeError(f"invalid figure.kind {spec.kind!r}; use one of {', '.join(FIGURE_KINDS)}")
     if not panels:
         raise VizpipeError(f"figure {spec.name!r} selected no job with a results.h5; check figure.select")
-    group = {"landscapes": "landscape", "eigenvalues": "hessian", "kernels": "conv_kernels"}.get(spec.kind, spec.kind)
+    group = KIND_ANALYSIS[spec.kind]
     missing = [panel.source for panel in panels if group not in panel.results]
     if missing:
         raise VizpipeError(
             f"figure {spec.name!r} needs the {group} analysis, but these jobs have none: {', '.join(missing)}; "
-            "narrow figure.select to jobs that ran it"
+            "narrow figure.select to jobs that ran it (figure.select.jobs or figure.select.where "
+            "for a runs_folder, figure.select.filter_string for an MLflow experiment)"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     with plt.rc_context(print_style(style)):
