@@ -35,7 +35,6 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 
 from vizpipe.analyses import hessian_block_eigenvalues
-from vizpipe.analyses.linear_operators import HessianOperator
 from vizpipe.models import resnet8
 
 
