@@ -186,11 +186,13 @@ def activation_maximization(
             also seeded with it for the duration (and restored afterwards), so a model
             that draws random numbers in its forward pass gives the same images for a
             layer whatever ran before in the process.
-        compile: run the model cut at the layer through ``torch.compile``. It adds
+        compile: run the model cut at the layer (at the layer's input when only the
+            target channels are computed) through ``torch.compile``. It adds
             compilations of tens of seconds on a 2-core CPU per layer (for the steps, the
             final evaluation without gradients and a smaller last chunk). The images equal
-            eager mode's up to floating-point reordering. NOTE: its per-step gain is not
-            yet recorded by ``scripts/bench_am.py``, so it is off by default.
+            eager mode's up to floating-point reordering. It is off by default because
+            ``scripts/bench_am.py`` measured it slower per step than eager on ResNet-8
+            on a 2-core CPU (see docs/benchmarks.md).
         channels_last: channels-last memory format for 4D inputs and weights; default
             on for CPU, where oneDNN convolutions run faster with it.
         target_channels_only: when the layer is an ungrouped ``Conv2d`` and no

@@ -87,6 +87,29 @@ def layer_output(model: nn.Module, module: nn.Module, inputs: torch.Tensor) -> t
     return output
 
 
+def _trace_layer_call(model: nn.Module, layer: str) -> tuple[fx.GraphModule, fx.Node] | None:
+    """Trace ``model`` and return the graph module with the node of ``layer``'s first call, or None."""
+    try:
+        graph_module = fx.symbolic_trace(model)
+    except Exception as error:  # noqa: BLE001 - any tracing failure means: use the hook or the whole layer instead
+        log.debug("torch.fx cannot trace %s (%s)", type(model).__name__, error)
+        return None
+    target = next((n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == layer), None)
+    return None if target is None else (graph_module, target)
+
+
+def _end_graph_at(graph_module: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
+    """Make ``node`` the graph's output and drop everything it does not need."""
+    graph = graph_module.graph
+    for existing in list(graph.nodes):
+        if existing.op == "output":
+            graph.erase_node(existing)
+    graph.output(node)
+    graph.eliminate_dead_code()
+    graph_module.recompile()
+    return graph_module
+
+
 def truncate(model: nn.Module, layer: str) -> fx.GraphModule | None:
     """Return a copy of ``model``'s forward graph that ends at ``layer``'s first call.
 
@@ -94,22 +117,8 @@ def truncate(model: nn.Module, layer: str) -> fx.GraphModule | None:
     None when ``torch.fx`` cannot trace the model (data-dependent control flow,
     say) or when the layer is not called as a module in the traced graph.
     """
-    try:
-        graph_module = fx.symbolic_trace(model)
-    except Exception as error:  # noqa: BLE001 - any tracing failure means: use the hook instead
-        log.debug("torch.fx cannot trace %s (%s); using a forward hook", type(model).__name__, error)
-        return None
-    graph = graph_module.graph
-    target = next((node for node in graph.nodes if node.op == "call_module" and node.target == layer), None)
-    if target is None:
-        return None
-    for node in list(graph.nodes):
-        if node.op == "output":
-            graph.erase_node(node)
-    graph.output(target)
-    graph.eliminate_dead_code()
-    graph_module.recompile()
-    return graph_module
+    traced = _trace_layer_call(model, layer)
+    return None if traced is None else _end_graph_at(*traced)
 
 
 def layer_forward(model: nn.Module, layer: str, module: nn.Module, compile: bool = False) -> Callable:
@@ -135,26 +144,17 @@ def truncate_before(model: nn.Module, layer: str) -> fx.GraphModule | None:
     Returns None when ``torch.fx`` cannot trace the model, when the layer is
     not called as a module, or when it is called with more than one input.
     """
-    try:
-        graph_module = fx.symbolic_trace(model)
-    except Exception as error:  # noqa: BLE001 - any tracing failure means: compute the whole layer
-        log.debug("torch.fx cannot trace %s (%s)", type(model).__name__, error)
+    traced = _trace_layer_call(model, layer)
+    if traced is None:
         return None
-    graph = graph_module.graph
-    target = next((node for node in graph.nodes if node.op == "call_module" and node.target == layer), None)
-    if target is None or len(target.args) != 1 or target.kwargs or not isinstance(target.args[0], fx.Node):
+    graph_module, target = traced
+    if len(target.args) != 1 or target.kwargs or not isinstance(target.args[0], fx.Node):
         return None
-    for node in list(graph.nodes):
-        if node.op == "output":
-            graph.erase_node(node)
-    graph.output(target.args[0])
-    graph.eliminate_dead_code()
-    graph_module.recompile()
-    return graph_module
+    return _end_graph_at(graph_module, target.args[0])
 
 
 class SelectedChannelForward:
-    """Inputs to the output of a conv layer, computing for image ``i`` only channel ``targets[i]``.
+    """Forward pass from the model's inputs to a conv layer's output that computes only channel ``targets[i]`` for image ``i``.
 
     The layer's input is computed as usual; then one grouped convolution with
     the batch as groups applies to image ``i`` only filter ``targets[i]``. A
@@ -169,7 +169,7 @@ class SelectedChannelForward:
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
-        """Whether ``module`` is a Conv2d this class can slice: ungrouped, zero padding."""
+        """Return whether ``module`` is a Conv2d this class can slice: ungrouped, with zero padding."""
         return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
