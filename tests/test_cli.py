@@ -273,6 +273,21 @@ def test_misspelt_override_rejected_before_hydra(tmp_path, override, fragments):
     assert not (tmp_path / "run").exists(), "nothing runs before the check"
 
 
+def test_own_config_dir_preset_accepted(tmp_path):
+    (tmp_path / "configs" / "experiment").mkdir(parents=True)
+    (tmp_path / "configs" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\nanalysis:\n  conv_kernels:\n    normalize: grid\n"
+    )
+    completed = run_cli(
+        ["--config-dir", str(tmp_path / "configs"), "+experiment=mine", f"hydra.run.dir={tmp_path}/run", *BASE,
+         "weights.source=random", "analysis=[conv_kernels]", "tracking.enabled=false", "figures.enabled=false"],
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as handle:
+        assert handle["conv_kernels/conv1"].attrs["normalize"] == "grid"
+
+
 def test_override_of_unselected_analysis(tmp_path):
     completed = run_cli(["analysis=[landscape]", "analysis.hessian.method=lanczos"], cwd=tmp_path)
     assert_clean_error(completed, "analysis.hessian.method is set", "analysis=[landscape,hessian]")

@@ -63,8 +63,15 @@ def _listed_options(value: str) -> list[str] | None:
     return [name.strip() for name in value.strip().strip("[]").split(",") if name.strip()]
 
 
+# Options that add config folders, whose group options the package's conf/ does not list.
+_EXTRA_CONFIG_OPTIONS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
+
+
 def check_overrides(arguments: list[str]) -> str | None:
     """Return an error message for the first override with an unknown key or group option, else None."""
+    extra_configs = any(
+        argument.split("=")[0] in _EXTRA_CONFIG_OPTIONS or "hydra.searchpath" in argument for argument in arguments
+    )
     for argument in arguments:
         if argument.startswith("-") or "=" not in argument or argument.startswith("~"):
             continue
@@ -74,6 +81,8 @@ def check_overrides(arguments: list[str]) -> str | None:
         if key.startswith("hydra") or "/" in key or "@" in key:
             continue
         if key in CONFIG_GROUPS:
+            if extra_configs:
+                continue  # the group may have options in the user's own config folder
             options = group_options(key)
             names = _listed_options(value)
             for name in names or []:
