@@ -54,12 +54,12 @@ def synchronize(device: torch.device) -> None:
 
 def plain_power_iteration(model, x, y, reference: dict[str, float], accuracy: float, max_iterations: int, device,
                           tol: float | None = None):
-    """Per-block power iteration, one block after another, with a new graph for every product.
+    """Run power iteration on one block after another, with a new graph for every product; return counts and times.
 
     With ``tol=None`` a block stops as soon as its estimate is within
     ``accuracy`` of the reference (an oracle stop). With a ``tol`` it stops, as
-    a real loop must, when the estimate changes by less than ``tol`` relative;
-    the product at which the oracle stop would have come is still recorded.
+    a real loop must, when the estimate changes by less than ``tol`` relative.
+    The product at which the oracle stop would have come is still recorded.
     """
     loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(1)

@@ -179,8 +179,9 @@ def _update_file(path: Path, fill: Callable[[h5py.File], None], added_bytes: int
     against the free disk space and the file-size limit. A failed write raises
     ``OSError`` naming ``path``, with ``errno`` set when the system reports one.
     """
-    # NOTE: each update reads and writes the whole file once more; for results
-    # files of hundreds of MB (ResNet-50 landscape directions) that is seconds per write.
+    # NOTE: each update reads and writes the whole file once more. For results
+    # files of hundreds of MB (ResNet-50 landscape directions) that likely costs
+    # seconds per write (an estimate, not measured).
     temporary = path.with_name(path.name + ".writing")
     current = 0 if new else path.stat().st_size
     _check_space(path, current, current + added_bytes + _UPDATE_OVERHEAD)
@@ -207,7 +208,7 @@ def _check_space(path: Path, current: int, needed: int) -> None:
     write, so a write that cannot fit is stopped here instead.
     """
     # NOTE: the check races with other processes that fill the same disk, and
-    # ``needed`` is an estimate; a write that fails anyway takes the crash-prone path.
+    # ``needed`` is an estimate. A write that fails anyway takes the crash-prone path.
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY and needed > limit:
         message = f"{os.strerror(errno.EFBIG)} (about {_megabytes(needed)} needed, the file-size limit is {_megabytes(limit)})"
