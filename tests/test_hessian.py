@@ -1,4 +1,5 @@
 import logging
+import weakref
 
 import pytest
 import torch
@@ -113,6 +114,36 @@ def test_uneven_batches_give_the_full_batch_products(tiny_problem):
     many = HessianOperator(model, split, nn.CrossEntropyLoss(), parameters).matvec(vectors)
     for b in vectors:
         torch.testing.assert_close(one[b], many[b], rtol=1e-10, atol=1e-12)
+
+
+def test_one_batch_graph_alive_at_a_time():
+    """With several batches, a batch's graph is freed before the next batch's forward pass."""
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+            self.hidden = []  # weak references to each forward pass's hidden activations
+
+        def forward(self, x):
+            hidden = torch.tanh(self.fc1(x))  # saved by fc2 for backward: alive while its graph is
+            self.hidden.append(weakref.ref(hidden))
+            return self.fc2(hidden)
+
+    torch.manual_seed(0)
+    model = Recording().double()
+    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    alive = []
+
+    def loss_fn(outputs, targets):
+        alive.append(sum(ref() is not None for ref in model.hidden))
+        return nn.functional.cross_entropy(outputs, targets)
+
+    batches = [(x[:10], y[:10]), (x[10:20], y[10:20]), (x[20:], y[20:])]
+    parameters = list(model.parameters())
+    vectors = {b: torch.randn(p.numel(), dtype=p.dtype) for b, p in enumerate(parameters)}
+    HessianOperator(model, batches, loss_fn, parameters).matvec(vectors)
+    assert alive == [1, 1, 1]  # only the batch being evaluated
 
 
 def test_frozen_and_unused_parameters():

@@ -140,6 +140,9 @@ class HessianOperator:
                     allow_unused=True,
                 )
                 products[b] += weight * self._flatten(b, outputs)
+            # Free this batch's graph before the next forward pass builds its own;
+            # kept alive until reassignment, two graphs would coexist at the peak.
+            del gradients
         self.products += len(vectors)
         if distributed.is_initialized():
             for b in products:
