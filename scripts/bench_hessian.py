@@ -15,8 +15,8 @@ On ResNet-8 (29 parameter tensors) with CIFAR-shaped inputs, one run measures:
    (``torch.func.jvp`` of ``torch.func.grad``);
 5. the peak memory of vizpipe's products over ``--memory-inputs`` inputs in
    batches of ``--batch-size``, each size in a fresh process, with glibc's
-   default malloc and (on CPU) with a fixed mmap threshold, which returns freed
-   tensors to the system at once.
+   default malloc and (on CPU) with a 64 KiB mmap threshold, so that freed
+   tensors go back to the system at once.
 
 Example: python scripts/bench_hessian.py --inputs 100 --device cpu
 """
@@ -233,10 +233,10 @@ def main() -> None:
     report["seconds_per_product"] = time_product_modes(model, x, y, "layers.1.0.conv1.weight", args.repeats, device)
 
     report["peak_memory"] = []
-    # glibc's malloc keeps freed blocks below its mmap threshold (which grows as large
-    # blocks are freed) for reuse, so the resident peak also counts memory that no
-    # tensor holds any more. A fixed 64 KiB threshold returns every freed tensor to
-    # the system at once; that peak follows the live tensors.
+    # glibc's malloc keeps freed heap blocks for reuse, so the default resident peak
+    # also counts memory that no tensor uses any more. With a 64 KiB mmap threshold,
+    # larger blocks are mapped and returned to the system on free (glibc manual,
+    # "Malloc Tunable Parameters"), and the peak follows the live tensors.
     allocators = {"default malloc": {}}
     if device.type == "cpu":
         allocators["MALLOC_MMAP_THRESHOLD_=65536"] = {"MALLOC_MMAP_THRESHOLD_": "65536"}
