@@ -9,6 +9,10 @@ and directions:
   the variants chosen with ``--variants``;
 - floor: resolution^2 x one eager forward pass of the evaluation set (the
   median of 5 passes);
+- the arithmetic: floating-point operations of one pass over the evaluation
+  set (``torch.utils.flop_counter``), the rate each method reached, and the
+  rate of a large float32 matrix multiplication on the same device, which
+  bounds how fast any exact float32 evaluation of the grid can be;
 - with ``--vmap-points K``: seconds per grid point when K points share one
   forward pass (``torch.func.functional_call`` + ``torch.vmap`` over stacked
   weights), against the plain loop over the same points.
@@ -34,6 +38,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 
 from vizpipe.analyses import loss_landscape
 from vizpipe.analyses.directions import random_directions
@@ -126,6 +131,32 @@ def vmap_seconds(model, batches, directions, xs, chunk: int, rows: int = 2) -> d
     return {"vmap": vmapped, "loop": looped}
 
 
+def pass_flops(model, batches) -> int:
+    """Return the floating-point operations of one forward pass over ``batches``."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        for inputs, _ in batches:
+            model(inputs)
+    return counter.get_total_flops()
+
+
+def matmul_flops_per_second(device: torch.device, size: int, repeats: int = 5) -> float:
+    """Return the median rate of a ``size`` x ``size`` float32 matrix multiplication, in operations per second."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    return 2 * size**3 / statistics.median(times)
+
+
 def timed(function):
     started = time.perf_counter()
     value = function()
@@ -189,10 +220,17 @@ def main() -> None:
     print(f"\nResNet-8, {args.samples} inputs, {args.resolution}x{args.resolution} grid, device {device}, "
           f"{os.cpu_count()} logical CPUs ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
           f"median of {args.repeats} run(s)\n")
-    print("| method | seconds | reference / method | method / floor |")
-    print("| --- | --- | --- | --- |")
+    flops = pass_flops(model, batches) * points
+    peak = matmul_flops_per_second(device, 8192 if device.type == "cuda" else 2048)
+    print("| method | seconds | reference / method | method / floor | GFLOP/s |")
+    print("| --- | --- | --- | --- | --- |")
     for label, seconds in medians.items():
-        print(f"| {label} | {seconds:.1f} | {medians['reference'] / seconds:.2f}x | {seconds / medians['floor']:.2f} |")
+        print(f"| {label} | {seconds:.1f} | {medians['reference'] / seconds:.2f}x | {seconds / medians['floor']:.2f} "
+              f"| {flops / seconds / 1e9:.0f} |")
+    bound = flops / peak
+    print(f"\n{flops / points / 1e9:.2f} GFLOP per grid point. A float32 matrix multiplication reaches "
+          f"{peak / 1e9:.0f} GFLOP/s here: at that rate the grid takes {bound:.1f} s, "
+          f"{medians['reference'] / bound:.2f}x faster than the reference and {bound / medians['floor']:.2f} of the floor.")
     if args.vmap_points:
         per_point = vmap_seconds(model, batches, directions, xs, args.vmap_points)
         print(f"\nseconds per grid point, eager: {args.vmap_points} points per vmapped forward pass "

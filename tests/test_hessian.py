@@ -8,6 +8,8 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 from vizpipe.analyses import hessian_block_eigenvalues
+from vizpipe.analyses.eigensolvers import Lanczos
+from vizpipe.analyses.hessian import STARTS, _gradient_start
 from vizpipe.analyses.linear_operators import HessianOperator
 from vizpipe.errors import VizpipeError
 
@@ -349,3 +351,56 @@ def test_operator_matches_dense_module_block(tiny_problem):
     exact = exact_full_hessian(model, x, y, nn.CrossEntropyLoss(), ["conv.weight", "conv.bias"])
     torch.testing.assert_close(operator.dense_block(0), exact, rtol=1e-9, atol=1e-12)
     assert operator.products == exact.shape[0]
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5, 6])
+def test_lanczos_waits_out_a_plateau(seed):
+    """Close top eigenvalues (1, 0.97, 0.96): the estimate stalls below 1 for a step before it rises."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.rand(50, generator=generator, dtype=torch.float64)
+    values[:3] = torch.tensor([1.0, 0.97, 0.96], dtype=torch.float64)
+    matrix = torch.diag(values)
+    start = torch.randn(50, generator=generator, dtype=torch.float64)
+    tol = 1e-3
+
+    change_only = Lanczos(start, tol)
+    previous = float("nan")
+    for _ in range(50):
+        change_only.step(matrix @ change_only.vector)
+        if abs(change_only.eigenvalue - previous) < tol * abs(change_only.eigenvalue):
+            break
+        previous = change_only.eigenvalue
+    assert abs(change_only.eigenvalue - 1.0) > tol  # stopping on the change alone ends on the plateau
+
+    solver = Lanczos(start, tol)
+    while not solver.done:
+        solver.step(matrix @ solver.vector)
+    assert abs(solver.eigenvalue - 1.0) <= tol
+    assert solver.tracked_errors[0] < tol
+
+
+def test_gradient_start_matches_exact_blocks(tiny_problem):
+    model, x, y = tiny_problem
+    exact = exact_block_eigenvalues(model, x, y)
+    for start in STARTS:
+        result = hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), method="lanczos", tol=1e-8,
+                                           max_iterations=200, start=start, progress=False)
+        for name, value in zip(result.block_names, result.eigenvalues.tolist()):
+            assert value == pytest.approx(exact[name], rel=1e-6), (start, name)
+
+
+def test_gradient_start_falls_back_to_random():
+    random = torch.randn(7, dtype=torch.float64)
+    assert torch.equal(_gradient_start(torch.zeros(7, dtype=torch.float64), random), random)
+    assert torch.equal(_gradient_start(torch.full((7,), float("nan"), dtype=torch.float64), random), random)
+
+    gradient = torch.arange(7, dtype=torch.float64)
+    mixed = _gradient_start(gradient, random)
+    expected = gradient / gradient.norm() + 0.1 * random / random.norm()
+    torch.testing.assert_close(mixed, expected)
+
+
+def test_invalid_start_rejected(tiny_problem):
+    model, x, y = tiny_problem
+    with pytest.raises(VizpipeError, match="invalid Hessian start 'ones'; use one of gradient, random"):
+        hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), start="ones", progress=False)

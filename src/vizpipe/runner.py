@@ -230,6 +230,7 @@ def _validate_hessian(hess: DictConfig, require) -> None:
     require(hess.group_by in ("parameter", "module"), f"{prefix}.group_by {hess.group_by!r}; use parameter or module")
     require(hess.curvature in ("hessian", "ggn"), f"{prefix}.curvature {hess.curvature!r}; use hessian or ggn")
     require(hess.which in ("magnitude", "extremes"), f"{prefix}.which {hess.which!r}; use magnitude or extremes")
+    require(hess.start in ("gradient", "random"), f"{prefix}.start {hess.start!r}; use gradient or random")
     require(hess.top_k_method in TOP_K_METHODS, f"{prefix}.top_k_method {hess.top_k_method!r}; use {' or '.join(TOP_K_METHODS)}")
     for key in ("max_iterations", "top_k_max_iterations", "density_runs", "density_steps"):
         require(hess[key] >= 1, f"{prefix}.{key} {hess[key]}: it must be at least 1")
@@ -917,7 +918,7 @@ def _run_hessian(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_
     if options.blocks:
         blocks = hessian_block_eigenvalues(
             model, mine, loss_fn, method=options.method, max_iterations=options.max_iterations, tol=options.tol,
-            group_by=options.group_by, which=options.which, **common,
+            group_by=options.group_by, which=options.which, start=options.start, **common,
         )
         if blocks.skipped:
             log.info("Hessian: skipped frozen parameters %s", ", ".join(blocks.skipped))
