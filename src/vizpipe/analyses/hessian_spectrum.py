@@ -123,7 +123,8 @@ def hessian_top_eigenvalues(
 
     ``method="lanczos"`` returns the ``k`` largest algebraic eigenvalues. It
     keeps its basis, ``iterations`` vectors of the model's size, and stops when
-    each of the ``k`` Ritz values changes by less than ``tol`` relative, or after
+    each of the ``k`` Ritz values changes by less than ``tol`` relative and has
+    an error estimate below ``tol`` (see ``Lanczos``), or after
     ``max_iterations`` products.
 
     ``method="power_iteration"`` finds one eigenpair after another by power
