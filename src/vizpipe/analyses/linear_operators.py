@@ -118,8 +118,11 @@ class HessianOperator:
         for inputs, targets in self.batches:
             weight = inputs.shape[0] / self.num_samples
             with torch.enable_grad():
-                loss = self.loss_fn(self.model(inputs), targets)
-                gradients = torch.autograd.grad(loss, self.parameters, allow_unused=True)
+                if self.curvature == "hessian" and len(self.batches) == 1:
+                    gradients = self._gradients(inputs, targets)  # built once, reused by every product
+                else:
+                    loss = self.loss_fn(self.model(inputs), targets)
+                    gradients = torch.autograd.grad(loss, self.parameters, allow_unused=True)
             for b in range(len(self.blocks)):
                 total[b] += weight * self._flatten(b, [gradients[i] for i in self.blocks[b]])
         if distributed.is_initialized():
