@@ -140,7 +140,11 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
         np.testing.assert_allclose(first["hessian/eigenvalues"][()], second["hessian/eigenvalues"][()], rtol=1e-5)
 
 
-@pytest.mark.parametrize("compile_option, stop_signal", [("false", signal.SIGINT), ("false", signal.SIGTERM)])
+@pytest.mark.parametrize("compile_option, stop_signal", [
+    ("false", signal.SIGINT),
+    ("false", signal.SIGTERM),
+    pytest.param("true", signal.SIGINT, marks=pytest.mark.slow),
+])
 def test_interrupt_stops_cleanly_and_keeps_partial_points(tmp_path, compile_option, stop_signal):
     run_dir = tmp_path / "interrupted"
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
