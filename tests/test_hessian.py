@@ -404,3 +404,13 @@ def test_invalid_start_rejected(tiny_problem):
     model, x, y = tiny_problem
     with pytest.raises(VizpipeError, match="invalid Hessian start 'ones'; use one of gradient, random"):
         hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), start="ones", progress=False)
+
+
+def test_lanczos_extremes_residual_is_dominant_pair(tiny_problem):
+    """The Krylov space depends only on the start, so both runs share the dominant Ritz pair."""
+    model, x, y = tiny_problem
+    options = {"method": "lanczos", "max_iterations": 6, "tol": 1e-12, "progress": False}
+    magnitude = hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), which="magnitude", **options)
+    extremes = hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), which="extremes", **options)
+    torch.testing.assert_close(extremes.eigenvalues, magnitude.eigenvalues, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(extremes.residuals, magnitude.residuals, rtol=1e-9, atol=1e-15)

@@ -279,11 +279,13 @@ def _collect(solvers, block_names, blocks, names, operator, history, iterations,
     nan = torch.full((count,), math.nan, dtype=torch.float64)
     if which == "extremes":
         if method == "lanczos":
+            # Lanczos tracks the extremes as [smallest, largest].
             smallest = torch.tensor([float(solvers[b].tracked[0]) for b in range(count)], dtype=torch.float64)
             largest = torch.tensor([float(solvers[b].tracked[1]) for b in range(count)], dtype=torch.float64)
-            eigenvalues = torch.where(largest.abs() >= smallest.abs(), largest, smallest)
+            largest_dominates = largest.abs() >= smallest.abs()
+            eigenvalues = torch.where(largest_dominates, largest, smallest)
             residuals = torch.tensor(
-                [float(solvers[b].tracked_residuals[int(largest[b].abs() < smallest[b].abs())]) for b in range(count)],
+                [float(solvers[b].tracked_residuals[1 if largest_dominates[b] else 0]) for b in range(count)],
                 dtype=torch.float64,
             )
         else:
