@@ -79,6 +79,11 @@ def hessian_iterations_zero(tmp_path):
     return args, ["invalid analysis.hessian.max_iterations 0: it must be at least 1"]
 
 
+def hessian_selection_empty(tmp_path):
+    args = [RANDOM, "analysis=[hessian]", "analysis.hessian.exclude=[*]"]
+    return args, ["no trainable parameter selected for the Hessian", "check hessian.include and hessian.exclude"]
+
+
 def am_iterations_zero(tmp_path):
     args = [RANDOM, "analysis=[activation_maximization]", "analysis.activation_maximization.iterations=0"]
     return args, ["invalid analysis.activation_maximization.iterations 0: it must be at least 1"]
@@ -143,7 +148,7 @@ def nan_in_inputs(tmp_path):
 
 CASES = [
     unknown_conv_kernels_layer, non_convolution_layer, resolution_zero, noise_range_reversed, y_range_empty,
-    hessian_iterations_zero, am_iterations_zero, checkpoint_missing, checkpoint_truncated,
+    hessian_iterations_zero, hessian_selection_empty, am_iterations_zero, checkpoint_missing, checkpoint_truncated,
     checkpoint_not_a_state_dict, checkpoint_wrong_shapes, cifar_batch_missing, cifar_batch_corrupt,
     image_shape_rejected, output_does_not_fit_loss, nan_in_inputs,
 ]

@@ -1,4 +1,5 @@
 import logging
+import math
 import weakref
 
 import pytest
@@ -404,3 +405,56 @@ def test_invalid_start_rejected(tiny_problem):
     model, x, y = tiny_problem
     with pytest.raises(VizpipeError, match="invalid Hessian start 'ones'; use one of gradient, random"):
         hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), start="ones", progress=False)
+
+
+def test_lanczos_extremes_residual_is_dominant_pair(tiny_problem):
+    """The Krylov space depends only on the start, so both runs share the dominant Ritz pair."""
+    model, x, y = tiny_problem
+    options = {"method": "lanczos", "max_iterations": 6, "tol": 1e-12, "progress": False}
+    magnitude = hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), which="magnitude", **options)
+    extremes = hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), which="extremes", **options)
+    torch.testing.assert_close(extremes.eigenvalues, magnitude.eigenvalues, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(extremes.residuals, magnitude.residuals, rtol=1e-9, atol=1e-15)
+
+
+class NotFiniteToy(nn.Module):
+    """``a * x + sqrt(|b|)``: at ``b = 0`` the ``b`` block's derivatives are NaN, the ``a`` block's are finite."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.ones(3, dtype=torch.float64))
+        self.b = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.a + torch.sqrt(self.b.abs()).sum()
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power_iteration"])
+def test_nan_products_stop_only_their_block(method, caplog):
+    torch.manual_seed(0)
+    x = torch.randn(20, 3, dtype=torch.float64)
+    y = torch.zeros(20, dtype=torch.float64)
+    model = NotFiniteToy()
+    exact = float(torch.linalg.eigvalsh(2 * x.T @ x / 20).max())
+    with caplog.at_level(logging.WARNING, logger="vizpipe.analyses.hessian"):
+        result = hessian_block_eigenvalues(model, [(x, y)], nn.MSELoss(), method=method, tol=1e-10,
+                                           max_iterations=200, progress=False)
+    assert result.block_names == ["a", "b"]
+    assert result.eigenvalues[0] == pytest.approx(exact, rel=1e-6)
+    assert bool(result.converged[0])
+    assert math.isnan(result.eigenvalues[1])
+    assert not bool(result.converged[1])
+    assert int(result.iterations[1]) == 1, "a block with NaN products stops at once"
+    assert "NaN or infinite Hessian-vector products" in caplog.text
+    assert "did not converge" not in caplog.text
+
+
+def test_nan_input_lanczos_extremes_no_crash():
+    model = NotFiniteToy()
+    x = torch.randn(20, 3, dtype=torch.float64)
+    x[0, 0] = float("nan")
+    result = hessian_block_eigenvalues(model, [(x, torch.zeros(20, dtype=torch.float64))], nn.MSELoss(),
+                                       method="lanczos", which="extremes", progress=False)
+    assert torch.isnan(result.eigenvalues).all()
+    assert torch.isnan(result.smallest).all()
+    assert not bool(result.converged.any())

@@ -42,6 +42,7 @@ from vizpipe.analyses.directions import (
     state_entries,
     target_directions,
 )
+from vizpipe.analyses.hessian import select_parameters
 from vizpipe.analyses.hessian_spectrum import (
     TOP_K_METHODS,
     eigenvector_directions,
@@ -424,6 +425,8 @@ def check_layers(cfg: DictConfig, model: nn.Module, image_shape: list[int], devi
                     raise VizpipeError(
                         f"analysis.hessian.{key} pattern {pattern!r} matches no parameter. {suggest(pattern, names)}"
                     )
+        # Every pattern matches, but the selection can still be empty (all excluded, or only frozen ones).
+        select_parameters(model, hessian.include, hessian.exclude)
     am = cfg.analysis.activation_maximization
     if am is not None:
         channels = parse_channels(am.channels)

@@ -48,6 +48,11 @@ class PowerIteration:
         self.other_residual = math.nan
         self.steps_in_phase = 0
         self.done = False
+        self.failed = False  # a product was NaN or infinite, so the estimates are NaN
+
+    @property
+    def converged(self) -> bool:
+        return self.done and not self.failed
 
     @property
     def estimate(self) -> float:
@@ -63,6 +68,10 @@ class PowerIteration:
 
     def step(self, product: torch.Tensor) -> None:
         self.steps_in_phase += 1
+        if not bool(torch.isfinite(product).all()):
+            self.eigenvalue = self.residual = self.other = self.other_residual = math.nan
+            self.failed = self.done = True
+            return
         shifted = product - self.shift * self.vector if self.shift else product
         rayleigh = float(torch.dot(self.vector, shifted))
         norm = float(shifted.norm())
@@ -104,10 +113,11 @@ class Lanczos:
     are tracked: the largest-magnitude one, both algebraic ends, or the top
     ``num_values`` algebraic ones (``which="top"``).
 
-    The solver is done when the Krylov space is exhausted (then the Ritz values
-    are exact), or when every tracked value both changed by less than ``tol``
-    relative in the last step and has an error estimate ``min(r, r^2 / gap)``
-    below ``tol |theta|``. Some eigenvalue lies within ``r`` of ``theta``, and
+    The solver is done when a product is NaN or infinite (then ``failed`` is
+    set and the tracked values are NaN), when the Krylov space is exhausted
+    (then the Ritz values are exact), or when every tracked value both changed
+    by less than ``tol`` relative in the last step and has an error estimate
+    ``min(r, r^2 / gap)`` below ``tol |theta|``. Some eigenvalue lies within ``r`` of ``theta``, and
     within ``r^2 / gap`` when ``gap`` is the distance from ``theta`` to the rest
     of the spectrum (Bai et al., "Templates for the Solution of Algebraic
     Eigenvalue Problems", 2000, error bounds for the Hermitian problem). Here
@@ -133,6 +143,7 @@ class Lanczos:
         self.last_beta = math.nan
         self.exhausted = False
         self.done = False
+        self.failed = False  # a product was NaN or infinite, so the tracked values are NaN
 
     def _tracked_count(self) -> int:
         return {"magnitude": 1, "extremes": 2}.get(self.which, self.num_values)
@@ -150,8 +161,12 @@ class Lanczos:
         return self.eigenvalue
 
     @property
+    def converged(self) -> bool:
+        return self.done and not self.failed
+
+    @property
     def steps_in_phase(self) -> int:
-        return len(self.alphas)
+        return len(self.alphas) + self.failed
 
     def tridiagonal(self) -> torch.Tensor:
         matrix = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
@@ -168,6 +183,13 @@ class Lanczos:
         return torch.argsort(values, descending=True)[: self.num_values]
 
     def step(self, product: torch.Tensor) -> None:
+        if not bool(torch.isfinite(product).all()):
+            # eigh fails on a tridiagonal matrix with NaN entries, and no later step could recover.
+            self.tracked = torch.full_like(self.tracked, math.nan)
+            self.tracked_residuals = torch.full_like(self.tracked, math.nan)
+            self.tracked_errors = torch.full_like(self.tracked, math.nan)
+            self.failed = self.done = True
+            return
         w = product.clone()
         q = self.basis[-1]
         self.alphas.append(float(torch.dot(q, w)))

@@ -243,10 +243,17 @@ def hessian_block_eigenvalues(
 
     result = _collect(solvers, block_names, blocks, names, operator, history, iterations, skipped,
                       method, group_by, which, curvature, max_iterations, tol, seed)
-    if result.not_converged:
+    failed = [block_names[b] for b, solver in solvers.items() if solver.failed]
+    if failed:
+        log.warning(
+            "Hessian: %d block(s) got NaN or infinite Hessian-vector products, so their eigenvalues are NaN; "
+            "check the loss and the weights for NaN or overflow: %s", len(failed), ", ".join(failed),
+        )
+    unconverged = [name for name in result.not_converged if name not in failed]
+    if unconverged:
         log.warning(
             "Hessian: %d block(s) did not converge within %d iterations (tol %g): %s",
-            len(result.not_converged), max_iterations, tol, ", ".join(result.not_converged),
+            len(unconverged), max_iterations, tol, ", ".join(unconverged),
         )
     return result
 
@@ -279,11 +286,13 @@ def _collect(solvers, block_names, blocks, names, operator, history, iterations,
     nan = torch.full((count,), math.nan, dtype=torch.float64)
     if which == "extremes":
         if method == "lanczos":
+            # Lanczos tracks the extremes as [smallest, largest].
             smallest = torch.tensor([float(solvers[b].tracked[0]) for b in range(count)], dtype=torch.float64)
             largest = torch.tensor([float(solvers[b].tracked[1]) for b in range(count)], dtype=torch.float64)
-            eigenvalues = torch.where(largest.abs() >= smallest.abs(), largest, smallest)
+            largest_dominates = largest.abs() >= smallest.abs()
+            eigenvalues = torch.where(largest_dominates, largest, smallest)
             residuals = torch.tensor(
-                [float(solvers[b].tracked_residuals[int(largest[b].abs() < smallest[b].abs())]) for b in range(count)],
+                [float(solvers[b].tracked_residuals[1 if largest_dominates[b] else 0]) for b in range(count)],
                 dtype=torch.float64,
             )
         else:
@@ -300,7 +309,7 @@ def _collect(solvers, block_names, blocks, names, operator, history, iterations,
         smallest=smallest,
         iterations=iterations,
         residuals=residuals,
-        converged=torch.tensor([bool(solvers[b].done) for b in range(count)]),
+        converged=torch.tensor([solvers[b].converged for b in range(count)]),
         history=history,
         skipped=skipped,
         method=method,

@@ -178,13 +178,15 @@ def hessian_top_eigenvalues(
     if eigenvectors:
         order = torch.argsort(solver.ritz_values, descending=True)[:k]
         vectors = torch.stack([solver.ritz_vector(int(i)) for i in order]).detach()
-    if not solver.done:
+    if solver.failed:
+        log.warning("Hessian top-%d: NaN or infinite Hessian-vector products; check the loss and the weights", k)
+    elif not solver.done:
         log.warning("Hessian top-%d: not converged after %d products (tol %g)", k, max_iterations, tol)
     return TopEigenvalues(
         eigenvalues=solver.tracked.clone(),
         residuals=solver.tracked_residuals.clone(),
         iterations=len(solver.alphas),
-        converged=solver.done,
+        converged=solver.converged,
         history=torch.stack(history),
         eigenvectors=vectors,
         parameter_names=names,
