@@ -458,3 +458,23 @@ def test_nan_input_lanczos_extremes_no_crash():
     assert torch.isnan(result.eigenvalues).all()
     assert torch.isnan(result.smallest).all()
     assert not bool(result.converged.any())
+
+
+def test_lanczos_extremes_stop_near_zero():
+    """A smallest eigenvalue inside a bulk near zero is judged against the norm, not against itself."""
+    generator = torch.Generator().manual_seed(0)
+    bulk = 1e-7 + 1e-3 * torch.rand(199, generator=generator, dtype=torch.float64)
+    values = torch.cat([torch.tensor([5.0], dtype=torch.float64), bulk])
+    matrix = torch.diag(values)
+    tol = 1e-4
+
+    solver = Lanczos(torch.randn(200, generator=generator, dtype=torch.float64), tol, which="extremes")
+    for _ in range(10):
+        solver.step(matrix @ solver.vector)
+        if solver.done:
+            break
+    assert solver.done
+    smallest, largest = solver.tracked.tolist()
+    assert abs(largest - 5.0) <= tol * 5.0
+    assert abs(smallest - float(values.min())) <= tol * 5.0
+    assert solver.tracked_residuals[0] > tol  # relative to itself, the smallest value is far from converged

@@ -116,13 +116,17 @@ class Lanczos:
     The solver is done when a product is NaN or infinite (then ``failed`` is
     set and the tracked values are NaN), when the Krylov space is exhausted
     (then the Ritz values are exact), or when every tracked value both changed
-    by less than ``tol`` relative in the last step and has an error estimate
-    ``min(r, r^2 / gap)`` below ``tol |theta|``. Some eigenvalue lies within ``r`` of ``theta``, and
-    within ``r^2 / gap`` when ``gap`` is the distance from ``theta`` to the rest
-    of the spectrum (Bai et al., "Templates for the Solution of Algebraic
-    Eigenvalue Problems", 2000, error bounds for the Hermitian problem). Here
-    ``gap`` is the distance to the nearest other Ritz value, so the second bound
-    is an estimate. The change test alone can stop on a plateau: when the top
+    by less than ``tol * scale`` in the last step and has an error estimate
+    ``min(r, r^2 / gap)`` below ``tol * scale``. ``scale`` is the largest Ritz
+    value magnitude, an estimate of ``||H||``: for the dominant value that is
+    ``|theta|`` itself, and a value near zero at the other end of the spectrum
+    is measured against ``||H||``, since relative to itself it could hardly
+    ever pass. Some eigenvalue lies within ``r`` of ``theta``, and within
+    ``r^2 / gap`` when ``gap`` is the distance from ``theta`` to the rest of the
+    spectrum (Bai et al., "Templates for the Solution of Algebraic Eigenvalue
+    Problems", 2000, error bounds for the Hermitian problem). Here ``gap`` is
+    the distance to the nearest other Ritz value, so the second bound is an
+    estimate. The change test alone can stop on a plateau: when the top
     eigenvalues are close, a Ritz value can stall for a step while still
     several percent low.
     """
@@ -139,7 +143,7 @@ class Lanczos:
         self.ritz_vectors = torch.empty(0, 0, dtype=torch.float64)
         self.tracked = torch.full((self._tracked_count(),), math.nan, dtype=torch.float64)
         self.tracked_residuals = torch.full_like(self.tracked, math.nan)
-        self.tracked_errors = torch.full_like(self.tracked, math.nan)  # estimated |theta - lambda| / |theta|
+        self.tracked_errors = torch.full_like(self.tracked, math.nan)  # estimated |theta - lambda| / scale
         self.last_beta = math.nan
         self.exhausted = False
         self.done = False
@@ -209,14 +213,17 @@ class Lanczos:
         residuals[tracked == 0] = 0.0
         gaps = _gaps(values, chosen)
         gap_bound = torch.where(gaps.isinf(), math.inf, absolute**2 / gaps)  # no other Ritz value yet: no gap
-        errors = torch.minimum(absolute, gap_bound) / scale
-        errors[tracked == 0] = 0.0
+        stop_scale = max(float(values.abs().max()), _TINY)
+        errors = torch.minimum(absolute, gap_bound) / stop_scale
         missing = len(self.tracked) - len(tracked)  # fewer Ritz values than requested so far
         if missing:
             padding = torch.full((missing,), math.nan, dtype=torch.float64)
             tracked, residuals = torch.cat([tracked, padding]), torch.cat([residuals, padding])
             errors = torch.cat([errors, padding])
-        changes = [_relative_change(float(new), float(old)) for new, old in zip(tracked, self.tracked)]
+        changes = [
+            math.inf if math.isnan(old) or math.isnan(new) else abs(new - old) / stop_scale
+            for new, old in zip(tracked.tolist(), self.tracked.tolist())
+        ]
         self.tracked, self.tracked_residuals, self.tracked_errors = tracked, residuals, errors
 
         k = len(self.alphas)

@@ -173,7 +173,10 @@ def hessian_block_eigenvalues(
             far fewer products when eigenvalues are clustered).
         max_iterations: Hessian-vector products per block at most (per phase for
             power iteration with ``which="extremes"``).
-        tol: relative change of the estimate that stops a block.
+        tol: relative change of the estimate that stops a block. Lanczos
+            measures changes and errors against the block's largest Ritz value
+            magnitude, so a value near zero (``which="extremes"``) is judged
+            against the block's norm.
         seed: fixes every random start vector.
         include, exclude: ``fnmatch`` patterns on parameter names; by default every
             parameter with ``requires_grad``. Frozen matches are listed in ``skipped``.
