@@ -127,6 +127,7 @@ def time_product_modes(model, x, y, block: str, repeats: int, device) -> dict[st
     results, values = {}, {}
     for label, function in (("double_backward_reused_graph", reuse), ("double_backward_new_graph", rebuild),
                             ("forward_over_reverse", forward_over_reverse)):
+        function()  # warm-up: the first torch.func call traces and allocates
         times = []
         for _ in range(repeats):
             synchronize(device)

@@ -218,6 +218,7 @@ def hessian_block_eigenvalues(
             solvers[b] = PowerIteration(first, tol, which, second)
         else:
             solvers[b] = Lanczos(first, tol, which)
+    del gradients  # a parameter-sized copy that the loop does not need
     steps = max_iterations * (2 if method == "power_iteration" and which == "extremes" else 1)
     history = torch.full((len(blocks), steps), math.nan, dtype=torch.float64)
     iterations = torch.zeros(len(blocks), dtype=torch.int64)
