@@ -11,6 +11,7 @@ from conftest import run_cli
 
 from vizpipe.data import digits
 from vizpipe.models import SmallCNN
+from vizpipe.overrides import check_overrides
 
 BASE = [
     "weights.epochs=1",
@@ -265,12 +266,30 @@ def test_added_key_with_typo_rejected(tmp_path):
     ("model=resnet9", ["unknown model 'resnet9'", "resnet8", "vizpipe --help"]),
     ("analysis=[landscpe]", ["unknown analysis 'landscpe'", "Closest valid names: landscape."]),
     ("+experiment=landscape_resnt8", ["unknown experiment 'landscape_resnt8'", "landscape_resnet8"]),
+    ("analysis.landscape.resolution=many", ["invalid analysis.landscape.resolution 'many': expected an integer"]),
+    ("analysis.hessian.start=null", ["invalid analysis.hessian.start 'null': expected a string"]),
 ])
 def test_misspelt_override_rejected_before_hydra(tmp_path, override, fragments):
     completed = run_cli([f"hydra.run.dir={tmp_path}/run", override], cwd=tmp_path)
     assert completed.returncode == 2
     assert_clean_error(completed, *fragments)
     assert not (tmp_path / "run").exists(), "nothing runs before the check"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("analysis.hessian.tol=abc", "invalid analysis.hessian.tol 'abc': expected a number"),
+    ("analysis.hessian.max_iterations=1.5", "invalid analysis.hessian.max_iterations '1.5': expected an integer"),
+    ("analysis.hessian.start=[gradient]", "invalid analysis.hessian.start '[gradient]': expected a string"),
+    ("progress=maybe", "invalid progress 'maybe': expected true or false"),
+    ("analysis.hessian.tol=1e-3", None),
+    ("analysis.hessian.max_iterations=5,10", None),  # a sweep: each job's value is checked by Hydra
+    ("analysis.landscape.y_range=[0,1]", None),
+    ("analysis.landscape.y_range=null", None),  # an Optional field
+    ("analysis.landscape.resolution=${seed}", None),  # an interpolation
+    ("model.width=abc", None),  # a plug-in node: its keys depend on the model
+])
+def test_override_types_checked(override, message):
+    assert check_overrides([override]) == message
 
 
 def test_own_config_dir_preset_accepted(tmp_path):

@@ -4,7 +4,9 @@ Hydra reports a misspelt key (``analysis.landscape.resolutoin=5``) or an
 unknown config group option (``model=resnet9``) with a multi-line message that
 suggests adding the key with ``+`` and lists no valid names. These checks catch
 the common cases first and name the closest valid keys or options instead.
-Overrides they cannot judge (sweep functions such as ``range(...)``, keys under
+A value of the wrong type (``analysis.hessian.tol=abc``) fails Hydra's
+composition with a multi-line message too, so values of schema fields are
+checked here against the field's type. Overrides these checks cannot judge (sweep functions such as ``range(...)``, keys under
 the plug-in nodes ``model``, ``dataset`` and ``loss``, ``hydra.*``) are left to Hydra.
 """
 
@@ -13,6 +15,11 @@ from __future__ import annotations
 import dataclasses
 import typing
 from importlib import resources
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
 from vizpipe.config import VizpipeConfig
 from vizpipe.errors import suggest
@@ -56,6 +63,52 @@ def _unknown_key(key: str) -> str | None:
     return None
 
 
+def _leaf_schema(key: str) -> type | None:
+    """Return the dataclass that declares ``key`` as a plain field, or None (a node, a plug-in or unknown)."""
+    schema: type | None = VizpipeConfig
+    parts = key.split(".")
+    for index, part in enumerate(parts):
+        fields = _schema_fields(schema)
+        if part not in fields or (index == 0 and part in _OPEN_FIELDS):
+            return None
+        if index == len(parts) - 1:
+            return schema if fields[part] is None else None
+        schema = fields[part]
+        if schema is None:
+            return None
+    return None
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is typing.Union:
+        names = [_type_name(arg) for arg in typing.get_args(hint) if arg is not type(None)]
+        return " or ".join(names) + " or null"
+    if typing.get_origin(hint) in (list, typing.List):
+        return "a list"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _wrong_type(key: str, value: str) -> str | None:
+    """Return an error message when ``value`` does not fit the schema type of field ``key``."""
+    schema = _leaf_schema(key)
+    if schema is None or "${" in value:
+        return None
+    try:
+        parsed = OverridesParser.create().parse_override(f"{key}={value}")
+    except HydraException:
+        return None  # Hydra reports its own syntax errors
+    if parsed.is_sweep_override():
+        return None  # each swept value is checked when its job composes the config
+    node = OmegaConf.structured(schema)
+    field = key.rsplit(".", 1)[-1]
+    try:
+        node[field] = parsed.value()
+    except ValidationError:
+        hint = typing.get_type_hints(schema)[field]
+        return f"invalid {key} {value!r}: expected {_type_name(hint)}"
+    return None
+
+
 def _listed_options(value: str) -> list[str] | None:
     """Return the option names in ``name``, ``a,b`` or ``[a,b]``; None for a value these checks cannot read."""
     if any(character in value for character in "()${}*?"):
@@ -68,7 +121,7 @@ _EXTRA_CONFIG_OPTIONS = ("--config-dir", "-cd", "--config-path", "-cp", "--confi
 
 
 def check_overrides(arguments: list[str]) -> str | None:
-    """Return an error message for the first override with an unknown key or group option, else None."""
+    """Return an error message for the first override with an unknown key, group option or wrong type, else None."""
     extra_configs = any(
         argument.split("=")[0] in _EXTRA_CONFIG_OPTIONS or "hydra.searchpath" in argument for argument in arguments
     )
@@ -90,7 +143,7 @@ def check_overrides(arguments: list[str]) -> str | None:
                     return f"unknown {key} {name!r}. {suggest(name, options)} Run vizpipe --help to list every option"
             continue
         if not added:
-            message = _unknown_key(key)
+            message = _unknown_key(key) or _wrong_type(key, value)
             if message is not None:
                 return message
     return None
