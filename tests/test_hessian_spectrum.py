@@ -233,6 +233,7 @@ def test_results_file_roundtrip_and_figures(mlp_problem, tmp_path):
     np.testing.assert_array_equal(group["density"]["weights"], density.weights.numpy())
     assert results.group_attrs["hessian/trace"]["trace"] == trace.trace
     assert results.group_attrs["hessian"]["which"] == "extremes"
+    assert results.group_attrs["hessian"]["start"] == "gradient"
 
     metrics = records.hessian_metrics(blocks, top, trace)
     assert metrics["hessian/top_k/2"] == float(top.eigenvalues[1])
@@ -241,3 +242,21 @@ def test_results_file_roundtrip_and_figures(mlp_problem, tmp_path):
 
     written = render_results(path, tmp_path / "figures", ["png"])
     assert sorted(p.name for p in written) == ["hessian_convergence.png", "hessian_density.png", "hessian_eigenvalues.png"]
+
+
+def test_nan_model_gives_nan_trace_and_density(mlp_problem, caplog):
+    model, x, y, _ = mlp_problem
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = math.nan
+    loss_fn = nn.CrossEntropyLoss()
+
+    trace = hessian_trace(model, [(x, y)], loss_fn, max_probes=20, progress=False)
+    assert len(trace.samples) == 1, "probing stops at the first NaN sample"
+    assert math.isnan(trace.trace)
+    assert not trace.converged
+
+    density = hessian_density(model, [(x, y)], loss_fn, runs=2, steps=10, grid_points=50, progress=False)
+    assert density.nodes.shape == (2, 1)
+    assert density.grid.shape == (50,)
+    assert torch.isnan(density.density).all()
+    assert caplog.text.count("NaN or infinite Hessian-vector products") == 2

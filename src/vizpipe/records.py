@@ -116,6 +116,7 @@ def hessian_records(
             "tol": blocks.tol,
             "num_samples": blocks.num_samples,
             "seed": blocks.seed,
+            "start": blocks.start,
             "skipped": blocks.skipped,
         }
     result = [("hessian", datasets, attrs)]

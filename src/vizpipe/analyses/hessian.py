@@ -67,6 +67,7 @@ class HessianResult:
     tol: float
     num_samples: int
     seed: int
+    start: str = "gradient"
 
     @property
     def parameter_names(self) -> list[str]:
@@ -246,7 +247,7 @@ def hessian_block_eigenvalues(
         model.train(was_training)
 
     result = _collect(solvers, block_names, blocks, names, operator, history, iterations, skipped,
-                      method, group_by, which, curvature, max_iterations, tol, seed)
+                      method, group_by, which, curvature, max_iterations, tol, seed, start)
     failed = [block_names[b] for b, solver in solvers.items() if solver.failed]
     if failed:
         log.warning(
@@ -281,7 +282,7 @@ def _gradient_start(gradient: torch.Tensor, random: torch.Tensor) -> torch.Tenso
 
 
 def _collect(solvers, block_names, blocks, names, operator, history, iterations, skipped,
-             method, group_by, which, curvature, max_iterations, tol, seed) -> HessianResult:
+             method, group_by, which, curvature, max_iterations, tol, seed, start) -> HessianResult:
     count = len(blocks)
 
     def column(attribute: str) -> torch.Tensor:
@@ -324,4 +325,5 @@ def _collect(solvers, block_names, blocks, names, operator, history, iterations,
         tol=tol,
         num_samples=operator.num_samples,
         seed=seed,
+        start=start,
     )

@@ -284,6 +284,8 @@ def hessian_trace(
             for _ in tqdm(range(max_probes), desc="hessian trace", disable=None if progress else True):
                 probe = _start_vector(operator, generator, rademacher=True)
                 samples.append(float(torch.dot(probe, operator.matvec({0: probe})[0])))
+                if not math.isfinite(samples[-1]):
+                    break  # every later probe would be NaN too
                 if len(samples) >= min_probes:
                     mean, error = _mean_and_standard_error(samples)
                     if error <= relative_standard_error * abs(mean):
@@ -292,7 +294,9 @@ def hessian_trace(
         finally:
             operator.release()
     mean, error = _mean_and_standard_error(samples)
-    if not converged:
+    if not math.isfinite(samples[-1]):
+        log.warning("Hessian trace: NaN or infinite Hessian-vector products; check the loss and the weights")
+    elif not converged:
         log.warning("Hessian trace: relative standard error %.3g after %d probes is above the target %g",
                     error / max(abs(mean), 1e-30), len(samples), relative_standard_error)
     return TraceEstimate(mean, error, torch.tensor(samples, dtype=torch.float64), converged)
@@ -300,6 +304,8 @@ def hessian_trace(
 
 def _mean_and_standard_error(samples: list[float]) -> tuple[float, float]:
     values = torch.tensor(samples, dtype=torch.float64)
+    if len(values) < 2:
+        return float(values.mean()), math.nan  # one sample has no spread to estimate
     return float(values.mean()), float(values.std(correction=1)) / math.sqrt(len(values))
 
 
@@ -339,8 +345,14 @@ def hessian_density(
                 solver = Lanczos(_start_vector(operator, generator, rademacher=False), tol=0.0)
                 for _ in range(steps):
                     solver.step(operator.matvec({0: solver.vector})[0])
-                    if solver.exhausted:
+                    if solver.exhausted or solver.failed:
                         break
+                if solver.failed:
+                    log.warning("Hessian density: NaN or infinite Hessian-vector products; check the loss and the "
+                                "weights. The density is NaN")
+                    nan = torch.full((runs, 1), math.nan, dtype=torch.float64)
+                    grid = torch.full((grid_points,), math.nan, dtype=torch.float64)
+                    return SpectralDensity(nan, nan.clone(), grid, grid.clone(), math.nan, operator.sizes[0])
                 nodes, weights = quadrature_nodes_weights(solver.alphas, solver.betas)
                 all_nodes.append(nodes)
                 all_weights.append(weights)
