@@ -123,9 +123,9 @@ def hessian_top_eigenvalues(
 
     ``method="lanczos"`` returns the ``k`` largest algebraic eigenvalues. It
     keeps its basis, ``iterations`` vectors of the model's size, and stops when
-    each of the ``k`` Ritz values changes by less than ``tol`` relative and has
-    an error estimate below ``tol`` (see ``Lanczos``), or after
-    ``max_iterations`` products.
+    each of the ``k`` Ritz values changes by less than ``tol`` times the largest
+    Ritz value magnitude and has an error estimate below that too (see
+    ``Lanczos``), or after ``max_iterations`` products.
 
     ``method="power_iteration"`` finds one eigenpair after another by power
     iteration on the Hessian projected onto the orthogonal complement of the
