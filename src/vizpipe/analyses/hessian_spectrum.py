@@ -185,7 +185,7 @@ def hessian_top_eigenvalues(
     return TopEigenvalues(
         eigenvalues=solver.tracked.clone(),
         residuals=solver.tracked_residuals.clone(),
-        iterations=len(solver.alphas),
+        iterations=solver.steps_in_phase,  # counts a NaN product that stopped the run too
         converged=solver.converged,
         history=torch.stack(history),
         eigenvectors=vectors,
