@@ -207,28 +207,16 @@ def hessian_block_eigenvalues(
     block_names, blocks = group_blocks(model, names, group_by)
     operator = HessianOperator(model, batches, loss_fn, [p for _, p in selected], blocks, curvature)
 
-    generator = torch.Generator().manual_seed(seed)
-    gradients = _block_gradients(model, operator) if start == "gradient" else None
-    solvers: dict[int, PowerIteration | Lanczos] = {}
-    for b, size in enumerate(operator.sizes):
-        first = torch.randn(size, generator=generator, dtype=torch.float64).to(operator.device, operator.dtype)
-        if gradients is not None:
-            first = _gradient_start(gradients[b], first)
-        if method == "power_iteration":
-            second = torch.randn(size, generator=generator, dtype=torch.float64).to(operator.device, operator.dtype)
-            solvers[b] = PowerIteration(first, tol, which, second)
-        else:
-            solvers[b] = Lanczos(first, tol, which)
-    del gradients  # a parameter-sized copy that the loop does not need
     steps = max_iterations * (2 if method == "power_iteration" and which == "extremes" else 1)
     history = torch.full((len(blocks), steps), math.nan, dtype=torch.float64)
     iterations = torch.zeros(len(blocks), dtype=torch.int64)
-    active = set(solvers)
 
     was_training = model.training
     model.eval()
     bar = tqdm(total=steps, desc="hessian blocks", disable=None if progress else True, unit="iter")
     try:
+        solvers = _start_solvers(operator, method, tol, which, seed, start)
+        active = set(solvers)
         for k in range(steps):
             products = operator.matvec({b: solvers[b].vector for b in active})
             for b, product in products.items():
@@ -263,14 +251,22 @@ def hessian_block_eigenvalues(
     return result
 
 
-def _block_gradients(model: nn.Module, operator: HessianOperator) -> list[torch.Tensor]:
-    """Return each block's gradient of the mean loss, computed in eval mode like the products."""
-    was_training = model.training
-    model.eval()
-    try:
-        return operator.gradient()
-    finally:
-        model.train(was_training)
+def _start_solvers(operator: HessianOperator, method: str, tol: float, which: str, seed: int,
+                   start: str) -> dict[int, PowerIteration | Lanczos]:
+    """Return one solver per block, each from its seeded random or gradient start vector."""
+    generator = torch.Generator().manual_seed(seed)
+    gradients = operator.gradient() if start == "gradient" else None
+    solvers: dict[int, PowerIteration | Lanczos] = {}
+    for b, size in enumerate(operator.sizes):
+        first = torch.randn(size, generator=generator, dtype=torch.float64).to(operator.device, operator.dtype)
+        if gradients is not None:
+            first = _gradient_start(gradients[b], first)
+        if method == "power_iteration":
+            second = torch.randn(size, generator=generator, dtype=torch.float64).to(operator.device, operator.dtype)
+            solvers[b] = PowerIteration(first, tol, which, second)
+        else:
+            solvers[b] = Lanczos(first, tol, which)
+    return solvers
 
 
 def _gradient_start(gradient: torch.Tensor, random: torch.Tensor) -> torch.Tensor:
