@@ -46,37 +46,28 @@ def _schema_fields(schema: type) -> dict[str, type | None]:
     return fields
 
 
-def _unknown_key(key: str) -> str | None:
-    schema: type | None = VizpipeConfig
-    walked = []
-    for part in key.split("."):
-        if schema is None:
-            return None  # below a leaf or a plug-in node: Hydra or the instantiation checks it
-        fields = _schema_fields(schema)
-        if part not in fields:
-            name = ".".join([*walked, part])
-            return f"unknown config key {name!r}. {suggest(part, sorted(fields))} Check the spelling"
-        if not walked and part in _OPEN_FIELDS:
-            return None
-        walked.append(part)
-        schema = fields[part]
-    return None
+def _resolve(key: str) -> tuple[str | None, type | None]:
+    """Walk the schema along ``key``.
 
-
-def _leaf_schema(key: str) -> type | None:
-    """Return the dataclass that declares ``key`` as a plain field, or None (a node, a plug-in or unknown)."""
+    Return an error message when a part of ``key`` is unknown, and the dataclass
+    that declares ``key`` as a plain field (None for a node, a plug-in key or a
+    key below a leaf, which Hydra or the instantiation checks).
+    """
     schema: type | None = VizpipeConfig
     parts = key.split(".")
     for index, part in enumerate(parts):
-        fields = _schema_fields(schema)
-        if part not in fields or (index == 0 and part in _OPEN_FIELDS):
-            return None
-        if index == len(parts) - 1:
-            return schema if fields[part] is None else None
-        schema = fields[part]
         if schema is None:
-            return None
-    return None
+            return None, None
+        fields = _schema_fields(schema)
+        if part not in fields:
+            name = ".".join([*parts[:index], part])
+            return f"unknown config key {name!r}. {suggest(part, sorted(fields))} Check the spelling", None
+        if index == 0 and part in _OPEN_FIELDS:
+            return None, None
+        if index == len(parts) - 1:
+            return None, schema if fields[part] is None else None
+        schema = fields[part]
+    return None, None
 
 
 def _type_name(hint) -> str:
@@ -88,10 +79,9 @@ def _type_name(hint) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
-def _wrong_type(key: str, value: str) -> str | None:
-    """Return an error message when ``value`` does not fit the schema type of field ``key``."""
-    schema = _leaf_schema(key)
-    if schema is None or "${" in value:
+def _wrong_type(key: str, value: str, schema: type) -> str | None:
+    """Return an error message when ``value`` does not fit the type of field ``key`` of dataclass ``schema``."""
+    if "${" in value:
         return None
     try:
         parsed = OverridesParser.create().parse_override(f"{key}={value}")
@@ -143,7 +133,9 @@ def check_overrides(arguments: list[str]) -> str | None:
                     return f"unknown {key} {name!r}. {suggest(name, options)} Run vizpipe --help to list every option"
             continue
         if not added:
-            message = _unknown_key(key) or _wrong_type(key, value)
+            message, schema = _resolve(key)
+            if message is None and schema is not None:
+                message = _wrong_type(key, value, schema)
             if message is not None:
                 return message
     return None
