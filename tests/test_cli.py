@@ -287,9 +287,24 @@ def test_misspelt_override_rejected_before_hydra(tmp_path, override, fragments):
     ("analysis.landscape.y_range=null", None),  # an Optional field
     ("analysis.landscape.resolution=${seed}", None),  # an interpolation
     ("model.width=abc", None),  # a plug-in node: its keys depend on the model
+    ("model='mlp'", None),  # Hydra unquotes group options
+    ("+experiment=\"landscape_resnet8\"", None),
+    ("analysis=['landscape','hessian']", None),
+    ("analysis=[landscape],[hessian]", None),  # a sweep over two selections
+    ("analysis=[landscape,hessian],[conv_kernels]", None),
+    ("analysis=[landscape],[hesian]",
+     "unknown analysis 'hesian'. Closest valid names: hessian. Run vizpipe --help to list every option"),
+    ("model='resnet9'", "unknown model 'resnet9'. Closest valid names: resnet8, resnet6, resnet4, resnet50, resnet34. "
+     "Run vizpipe --help to list every option"),
 ])
 def test_override_types_checked(override, message):
     assert check_overrides([override]) == message
+
+
+def test_quoted_analysis_selection_accepted(tmp_path):
+    completed = run_cli(["analysis=['landscape']", "analysis.landscape.dims=1", "--cfg", "job"], cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "dims: 1" in completed.stdout
 
 
 def test_own_config_dir_preset_accepted(tmp_path):

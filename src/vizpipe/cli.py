@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vizpipe.config import register_configs
 from vizpipe.errors import VizpipeError
-from vizpipe.overrides import check_overrides
+from vizpipe.overrides import check_overrides, group_selections
 from vizpipe.tracking import LOG_LATER_COMMAND, MAX_PARAM_LENGTH, SweepInfo, Tracker, job_run_name, override_key
 
 if TYPE_CHECKING:
@@ -340,10 +340,10 @@ def unselected_analysis_override(arguments: list[str]) -> str | None:
     selected = None
     for argument in arguments:
         if argument.startswith("analysis="):
-            value = argument.split("=", 1)[1].strip()
-            if "," in value and not value.startswith("["):
-                return None  # a sweep over selections: each job differs, leave it to Hydra
-            selected = [name.strip() for name in value.strip("[]").split(",") if name.strip()]
+            selections = group_selections("analysis", argument.split("=", 1)[1])
+            if selections is None or len(selections) != 1:
+                return None  # a sweep over selections (each job differs) or a value Hydra reports
+            selected = selections[0]
     if selected is None:
         return None
     for argument in arguments:

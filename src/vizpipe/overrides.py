@@ -17,6 +17,7 @@ import typing
 from importlib import resources
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
@@ -99,11 +100,35 @@ def _wrong_type(key: str, value: str, schema: type) -> str | None:
     return None
 
 
-def _listed_options(value: str) -> list[str] | None:
-    """Return the option names in ``name``, ``a,b`` or ``[a,b]``; None for a value these checks cannot read."""
-    if any(character in value for character in "()${}*?"):
-        return None  # a sweep function, an interpolation or a glob: left to Hydra
-    return [name.strip() for name in value.strip().strip("[]").split(",") if name.strip()]
+def group_selections(key: str, value: str) -> list[list[str]] | None:
+    """Parse the option names that the config group override ``key=value`` selects, one list per job.
+
+    Hydra's override parser reads the value, so quoted names (``model='mlp'``)
+    and sweeps over lists (``analysis=[landscape],[hessian]``) are read as Hydra
+    reads them. A ``null`` name is dropped. Return None for a value these checks
+    cannot read: an interpolation, a sweep function such as ``glob(...)``,
+    ``range(...)`` or ``choice(...)``, a dict, or a syntax error that Hydra reports.
+    """
+    if "${" in value:
+        return None
+    try:
+        parsed = OverridesParser.create().parse_override(f"{key}={value}")
+    except HydraException:
+        return None
+    if parsed.is_sweep_override():
+        sweep = parsed.value()
+        if not isinstance(sweep, ChoiceSweep) or not sweep.simple_form:
+            return None
+        job_values = sweep.list
+    else:
+        job_values = [parsed.value()]
+    selections = []
+    for job_value in job_values:
+        items = job_value if isinstance(job_value, list) else [job_value]
+        if any(isinstance(item, (dict, list)) for item in items):
+            return None
+        selections.append([str(item) for item in items if item is not None])
+    return selections
 
 
 # Options that add config folders, whose group options the package's conf/ does not list.
@@ -127,9 +152,9 @@ def check_overrides(arguments: list[str]) -> str | None:
             if extra_configs:
                 continue  # the group may have options in the user's own config folder
             options = group_options(key)
-            names = _listed_options(value)
-            for name in names or []:
-                if name not in options and name != "null":
+            selections = group_selections(key, value) or []
+            for name in (name for names in selections for name in names):
+                if name not in options:
                     return f"unknown {key} {name!r}. {suggest(name, options)} Run vizpipe --help to list every option"
             continue
         if not added:
