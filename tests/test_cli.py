@@ -322,6 +322,21 @@ def test_own_config_dir_preset_accepted(tmp_path):
         assert handle["conv_kernels/conv1"].attrs["normalize"] == "grid"
 
 
+def test_own_analysis_option_overridden(tmp_path):
+    (tmp_path / "configs" / "analysis").mkdir(parents=True)
+    (tmp_path / "configs" / "analysis" / "quick_landscape.yaml").write_text(
+        "# @package analysis.landscape\nresolution: 5\n"
+    )
+    completed = run_cli(
+        ["--config-dir", str(tmp_path / "configs"), "analysis=[quick_landscape]", "analysis.landscape.dims=1",
+         "--cfg", "job"],
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "dims: 1" in completed.stdout
+    assert "resolution: 5" in completed.stdout
+
+
 def test_override_of_unselected_analysis(tmp_path):
     completed = run_cli(["analysis=[landscape]", "analysis.hessian.method=lanczos"], cwd=tmp_path)
     assert_clean_error(completed, "analysis.hessian.method is set", "analysis=[landscape,hessian]")

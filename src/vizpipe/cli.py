@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vizpipe.config import register_configs
 from vizpipe.errors import VizpipeError
-from vizpipe.overrides import check_overrides, group_selections
+from vizpipe.overrides import check_overrides, group_options, group_selections
 from vizpipe.tracking import LOG_LATER_COMMAND, MAX_PARAM_LENGTH, SweepInfo, Tracker, job_run_name, override_key
 
 if TYPE_CHECKING:
@@ -346,6 +346,8 @@ def unselected_analysis_override(arguments: list[str]) -> str | None:
             selected = selections[0]
     if selected is None:
         return None
+    if any(name not in group_options("analysis") for name in selected):
+        return None  # an option from the user's own config folder may fill any analysis package
     for argument in arguments:
         if argument.startswith("analysis.") and "=" in argument:
             name = argument.split(".")[1].split("=")[0]
