@@ -292,6 +292,8 @@ def test_misspelt_override_rejected_before_hydra(tmp_path, override, fragments):
     ("analysis=['landscape','hessian']", None),
     ("analysis=[landscape],[hessian]", None),  # a sweep over two selections
     ("analysis=[landscape,hessian],[conv_kernels]", None),
+    ("model=mlp,'small_cnn'", None),
+    ("analysis=[landscape,'hessian'],['conv_kernels']", None),
     ("analysis=[landscape],[hesian]",
      "unknown analysis 'hesian'. Closest valid names: hessian. Run vizpipe --help to list every option"),
     ("model='resnet9'", "unknown model 'resnet9'. Closest valid names: resnet8, resnet6, resnet4, resnet50, resnet34. "

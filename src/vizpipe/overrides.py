@@ -17,7 +17,7 @@ import typing
 from importlib import resources
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep
+from hydra.core.override_parser.types import ChoiceSweep, QuotedString
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
@@ -127,7 +127,9 @@ def group_selections(key: str, value: str) -> list[list[str]] | None:
         items = job_value if isinstance(job_value, list) else [job_value]
         if any(isinstance(item, (dict, list)) for item in items):
             return None
-        selections.append([str(item) for item in items if item is not None])
+        # Hydra unquotes a plain value but keeps QuotedString items in a sweep's values.
+        texts = [item.text if isinstance(item, QuotedString) else item for item in items]
+        selections.append([str(text) for text in texts if text is not None])
     return selections
 
 
