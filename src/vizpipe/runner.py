@@ -42,7 +42,7 @@ from vizpipe.analyses.directions import (
     state_entries,
     target_directions,
 )
-from vizpipe.analyses.hessian import select_parameters
+from vizpipe.analyses.hessian import STARTS, select_parameters
 from vizpipe.analyses.hessian_spectrum import (
     TOP_K_METHODS,
     eigenvector_directions,
@@ -231,7 +231,7 @@ def _validate_hessian(hess: DictConfig, require) -> None:
     require(hess.group_by in ("parameter", "module"), f"{prefix}.group_by {hess.group_by!r}; use parameter or module")
     require(hess.curvature in ("hessian", "ggn"), f"{prefix}.curvature {hess.curvature!r}; use hessian or ggn")
     require(hess.which in ("magnitude", "extremes"), f"{prefix}.which {hess.which!r}; use magnitude or extremes")
-    require(hess.start in ("gradient", "random"), f"{prefix}.start {hess.start!r}; use gradient or random")
+    require(hess.start in STARTS, f"{prefix}.start {hess.start!r}; use {' or '.join(STARTS)}")
     require(hess.top_k_method in TOP_K_METHODS, f"{prefix}.top_k_method {hess.top_k_method!r}; use {' or '.join(TOP_K_METHODS)}")
     for key in ("max_iterations", "top_k_max_iterations", "density_runs", "density_steps"):
         require(hess[key] >= 1, f"{prefix}.{key} {hess[key]}: it must be at least 1")

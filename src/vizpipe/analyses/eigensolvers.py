@@ -170,7 +170,7 @@ class Lanczos:
 
     @property
     def steps_in_phase(self) -> int:
-        return len(self.alphas) + self.failed
+        return len(self.alphas) + (1 if self.failed else 0)  # a failed step appends no alpha
 
     def tridiagonal(self) -> torch.Tensor:
         matrix = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
