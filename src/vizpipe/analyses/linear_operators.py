@@ -137,15 +137,19 @@ class HessianOperator:
 
     def matvec(self, vectors: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Return ``{b: H_bb v_b}`` for the flat vectors ``{b: v_b}``, one pass over the data."""
-        products = {b: torch.zeros(self.sizes[b], dtype=self.dtype, device=self.device) for b in vectors}
+        return dict(zip(vectors, self.matvec_pairs(list(vectors.items()))))
+
+    def matvec_pairs(self, requests: Sequence[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """Return ``H_bb v`` for each ``(b, v)`` request, one pass over the data; a block may repeat."""
+        products = [torch.zeros(self.sizes[b], dtype=self.dtype, device=self.device) for b, _ in requests]
         for inputs, targets in self.batches:
             weight = inputs.shape[0] / self.num_samples
             if self.curvature == "ggn":
-                for b, vector in vectors.items():
-                    products[b] += weight * self._flatten(b, self._ggn_product(inputs, targets, b, vector))
+                for product, (b, vector) in zip(products, requests):
+                    product += weight * self._flatten(b, self._ggn_product(inputs, targets, b, vector))
                 continue
             gradients = self._gradients(inputs, targets)
-            for b, vector in vectors.items():
+            for product, (b, vector) in zip(products, requests):
                 indices = [i for i in self.blocks[b] if gradients[i] is not None and gradients[i].requires_grad]
                 if not indices:
                     continue  # the gradient does not depend on this block: H_bb = 0
@@ -157,14 +161,14 @@ class HessianOperator:
                     retain_graph=True,
                     allow_unused=True,
                 )
-                products[b] += weight * self._flatten(b, outputs)
+                product += weight * self._flatten(b, outputs)
             # Free this batch's graph before the next forward pass builds its own.
             # Otherwise two graphs coexist at the peak.
             del gradients
-        self.products += len(vectors)
+        self.products += len(requests)
         if distributed.is_initialized():
-            for b in products:
-                distributed.all_reduce_sum(products[b])
+            for product in products:
+                distributed.all_reduce_sum(product)
         return products
 
     def _flatten(self, block: int, pieces) -> torch.Tensor:
