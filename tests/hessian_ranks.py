@@ -1,7 +1,7 @@
 """Worker for the two-rank test: run under torchrun, each rank with its share of the samples.
 
 Usage: torchrun --nproc_per_node 2 tests/hessian_ranks.py OUTPUT.pt
-Rank 0 saves the block eigenvalues, top-k eigenvalues and trace samples to OUTPUT.pt.
+Rank 0 saves the block eigenvalues (also from a verifying second start), top-k eigenvalues and trace samples to OUTPUT.pt.
 """
 
 import sys
@@ -32,9 +32,12 @@ def run(model, batches):
     loss_fn = nn.CrossEntropyLoss()
     blocks = hessian_block_eigenvalues(model, batches, loss_fn, method="lanczos", max_iterations=40, tol=1e-10,
                                        progress=False)
+    verified = hessian_block_eigenvalues(model, batches, loss_fn, max_iterations=40, tol=1e-10, verify=True,
+                                         progress=False)
     top = hessian_top_eigenvalues(model, batches, loss_fn, k=3, max_iterations=40, tol=1e-10, progress=False)
     trace = hessian_trace(model, batches, loss_fn, max_probes=20, progress=False)
-    return {"blocks": blocks.eigenvalues, "iterations": blocks.iterations, "top": top.eigenvalues,
+    return {"blocks": blocks.eigenvalues, "iterations": blocks.iterations,
+            "verify": verified.verify_eigenvalues, "top": top.eigenvalues,
             "trace": trace.samples, "num_samples": blocks.num_samples}
 
 

@@ -276,8 +276,9 @@ def test_unmatched_pattern_names_the_fix(tiny_problem):
         hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), group_by="layer", progress=False)
 
 
+@pytest.mark.parametrize("verify", [False, True])
 @pytest.mark.parametrize("method", ["lanczos", "power_iteration"])
-def test_negative_curvature_found_with_sign(method):
+def test_negative_curvature_found_with_sign(method, verify):
     model = SaddleToy()
     x = torch.linspace(-1, 1, 30, dtype=torch.float64)
     y = 2 * x + 0.1 * torch.sin(5 * x)
@@ -287,9 +288,10 @@ def test_negative_curvature_found_with_sign(method):
     assert smallest < 0 < largest
     result = hessian_block_eigenvalues(
         model, [(x, y)], nn.MSELoss(), method=method, group_by="module", which="extremes",
-        max_iterations=500, tol=1e-13, progress=False,
+        max_iterations=500, tol=1e-13, progress=False, verify=verify,
     )
     index = result.block_names.index("product")
+    assert result.disagreeing == ([] if verify else None)
     assert abs(result.smallest[index] - smallest) <= 1e-6 * abs(smallest)
     assert abs(result.largest[index] - largest) <= 1e-6 * abs(largest)
     assert abs(result.eigenvalues[index] - expected) <= 1e-6 * abs(expected)
@@ -478,3 +480,56 @@ def test_lanczos_extremes_stop_near_zero():
     assert abs(largest - 5.0) <= tol * 5.0
     assert abs(smallest - float(values.min())) <= tol * 5.0
     assert solver.tracked_residuals[0] > tol  # relative to itself, the smallest value is far from converged
+
+
+class QuadraticToy(nn.Module):
+    """A parameter vector ``w`` whose loss ``0.5 w.(d * w) + b.w`` has Hessian ``diag(d)`` and gradient ``b`` at 0."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(size, dtype=torch.float64))
+
+    def forward(self, inputs):
+        return self.w
+
+
+def close_pair_problem(size=300):
+    """Eigenvalues 1 and 0.99 above a bulk in [0, 0.5]; the gradient is the eigenvector of 0.99."""
+    diagonal = torch.cat([torch.tensor([1.0, 0.99]), torch.linspace(0.0, 0.5, size - 2)]).double()
+    linear = torch.zeros(size, dtype=torch.float64)
+    linear[1] = 1.0
+
+    def loss_fn(w, _):
+        return 0.5 * (w * diagonal * w).sum() + (linear * w).sum()
+
+    return QuadraticToy(size), [(torch.zeros(1, 1), torch.zeros(1))], loss_fn
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power_iteration"])
+def test_verify_catches_a_start_stuck_on_the_second_eigenvalue(method, caplog):
+    model, batches, loss_fn = close_pair_problem()
+    options = {"method": method, "tol": 1e-4, "max_iterations": 300, "progress": False}
+    single = hessian_block_eigenvalues(model, batches, loss_fn, **options)
+    # The start is almost the eigenvector of 0.99, so its residual is small and it stops there.
+    assert single.eigenvalues[0] == pytest.approx(0.99, rel=1e-3)
+    assert single.verify_eigenvalues is None and single.disagreeing is None
+
+    with caplog.at_level(logging.WARNING, logger="vizpipe.analyses.hessian"):
+        checked = hessian_block_eigenvalues(model, batches, loss_fn, verify=True, **options)
+    assert checked.verify and checked.disagreeing == ["w"]
+    assert checked.eigenvalues[0] == pytest.approx(1.0, rel=2e-3)
+    assert checked.eigenvalues[0] == checked.verify_eigenvalues[0]
+    assert "two independent starts" in caplog.text and ": w" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power_iteration"])
+def test_verify_agrees_on_exact_blocks(tiny_problem, method):
+    model, x, y = tiny_problem
+    exact = exact_block_eigenvalues(model, x, y)
+    options = {"method": method, "tol": 1e-10, "max_iterations": 3000, "progress": False}
+    checked = hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), verify=True, **options)
+    assert checked.disagreeing == []
+    rel = 1e-6 if method == "lanczos" else 1e-3
+    for name, value, second in zip(checked.block_names, checked.eigenvalues.tolist(), checked.verify_eigenvalues.tolist()):
+        assert value == pytest.approx(exact[name], rel=rel), name
+        assert second == pytest.approx(exact[name], rel=rel), name

@@ -118,3 +118,24 @@ def test_unknown_top_k_method_rejected(tmp_path):
         cwd=tmp_path,
     )
     assert_clean_error(completed, "analysis.hessian.top_k_method 'arnoldi'", "lanczos or power_iteration")
+
+
+def test_verify_stores_both_starts(tmp_path):
+    completed = run_cli(
+        [f"hydra.run.dir={tmp_path}/run", f"output_root={tmp_path}/outputs", *BASE, "weights.source=random",
+         "analysis=[hessian]", "analysis.hessian.method=lanczos", "analysis.hessian.verify=true",
+         "analysis.hessian.include=[fc1.*,fc2.*]", "evaluation.max_samples=50"],
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as handle:
+        group = handle["hessian"]
+        assert bool(group.attrs["verify"]) is True
+        values, second = group["eigenvalues"][()], group["verify_eigenvalues"][()]
+        residuals, disagree = group["residuals"][()], group["disagree"][()]
+    assert values.shape == second.shape == disagree.shape == (4,)
+    assert np.all(np.abs(values) >= np.abs(second)), "the kept value is the more extreme one"
+    assert np.all(np.isfinite(residuals))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("vizpipe").experiment_id])[0]
+    assert run.data.metrics["hessian/disagreeing"] == float(disagree.sum())

@@ -35,8 +35,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
 
     assert ranks["num_samples"] == 45
     # The same two weighted batch products, summed in the same order: equal to the last bit.
-    for key in ("blocks", "iterations", "top", "trace"):
+    for key in ("blocks", "iterations", "verify", "top", "trace"):
         assert torch.equal(ranks[key], same_batches[key]), key
     # One full batch sums in another order, so the numbers agree to rounding only.
-    for key in ("blocks", "top", "trace"):
+    for key in ("blocks", "verify", "top", "trace"):
         torch.testing.assert_close(ranks[key], one_batch[key], rtol=1e-9, atol=1e-12)

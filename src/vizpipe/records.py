@@ -107,6 +107,9 @@ def hessian_records(
             "converged": blocks.converged,
             "history": blocks.history,
         }
+        if blocks.verify:
+            datasets["verify_eigenvalues"] = blocks.verify_eigenvalues
+            datasets["disagree"] = torch.tensor([name in blocks.disagreeing for name in blocks.block_names])
         attrs = {
             "method": blocks.method,
             "group_by": blocks.group_by,
@@ -117,6 +120,8 @@ def hessian_records(
             "num_samples": blocks.num_samples,
             "seed": blocks.seed,
             "start": blocks.start,
+            "verify": blocks.verify,
+            "products": blocks.products,
             "skipped": blocks.skipped,
         }
     result = [("hessian", datasets, attrs)]
@@ -205,6 +210,8 @@ def hessian_metrics(
                 metrics[f"hessian/smallest_eigenvalue/{name}"] = float(blocks.smallest[index])
         metrics["hessian/max_eigenvalue"] = float(blocks.eigenvalues.max())
         metrics["hessian/not_converged"] = float(len(blocks.not_converged))
+        if blocks.verify:
+            metrics["hessian/disagreeing"] = float(len(blocks.disagreeing))
     if top is not None:
         for index, value in enumerate(top.eigenvalues.tolist()):
             metrics[f"hessian/top_k/{index + 1}"] = value

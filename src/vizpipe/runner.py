@@ -921,7 +921,8 @@ def _run_hessian(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_
     if options.blocks:
         blocks = hessian_block_eigenvalues(
             model, mine, loss_fn, method=options.method, max_iterations=options.max_iterations, tol=options.tol,
-            group_by=options.group_by, which=options.which, start=options.start, **common,
+            group_by=options.group_by, which=options.which, start=options.start,
+            verify=options.verify, **common,
         )
         if blocks.skipped:
             log.info("Hessian: skipped frozen parameters %s", ", ".join(blocks.skipped))

@@ -68,6 +68,10 @@ class HessianResult:
     num_samples: int
     seed: int
     start: str = "gradient"
+    products: int = 0
+    verify: bool = False
+    verify_eigenvalues: torch.Tensor | None = None
+    disagreeing: list[str] | None = None
 
     @property
     def parameter_names(self) -> list[str]:
@@ -156,6 +160,7 @@ def hessian_block_eigenvalues(
     curvature: str = "hessian",
     progress: bool = True,
     start: str = "gradient",
+    verify: bool = False,
 ) -> HessianResult:
     """Compute the dominant eigenvalue of each parameter tensor's (or module's) own Hessian block.
 
@@ -194,6 +199,11 @@ def hessian_block_eigenvalues(
             instead of 221 for all 29 blocks. A block whose gradient is zero or
             not finite starts from the random vector alone, as every block does
             with ``"random"``.
+        verify: also run every block from a second, independent random start
+            (twice the products) and name the blocks where the two runs found
+            different eigenvalues. One start vector can converge to a smaller
+            eigenvalue when it happens to be nearly orthogonal to the dominant
+            eigenvector; ``scripts/bench_hessian_starts.py`` measures how often.
 
     Example::
 
@@ -208,25 +218,25 @@ def hessian_block_eigenvalues(
     operator = HessianOperator(model, batches, loss_fn, [p for _, p in selected], blocks, curvature)
 
     steps = max_iterations * (2 if method == "power_iteration" and which == "extremes" else 1)
-    history = torch.full((len(blocks), steps), math.nan, dtype=torch.float64)
-    iterations = torch.zeros(len(blocks), dtype=torch.int64)
+    runs = 2 if verify else 1
+    history = torch.full((len(blocks), runs, steps), math.nan, dtype=torch.float64)
 
     was_training = model.training
     model.eval()
     bar = tqdm(total=steps, desc="hessian blocks", disable=None if progress else True, unit="iter")
     try:
-        solvers = _start_solvers(operator, method, tol, which, seed, start)
-        active = set(solvers)
+        solvers = _start_solvers(operator, method, tol, which, seed, start, runs)
+        active = sorted(solvers)
+        counts = dict.fromkeys(solvers, 0)
         for k in range(steps):
-            products = operator.matvec({b: solvers[b].vector for b in active})
-            for b, product in products.items():
-                solver = solvers[b]
-                solver.step(product)
-                history[b, k] = solver.estimate
-                iterations[b] = k + 1
-            active = {b for b in active if not solvers[b].done and solvers[b].steps_in_phase < max_iterations}
+            products = operator.matvec_pairs([(b, solvers[(b, run)].vector) for b, run in active])
+            for (b, run), product in zip(active, products):
+                solvers[(b, run)].step(product)
+                history[b, run, k] = solvers[(b, run)].estimate
+                counts[(b, run)] = k + 1
+            active = [key for key in active if not solvers[key].done and solvers[key].steps_in_phase < max_iterations]
             bar.update()
-            bar.set_postfix(active_blocks=len(active))
+            bar.set_postfix(active_blocks=len({b for b, _ in active}))
             if not active:
                 break
     finally:
@@ -234,9 +244,9 @@ def hessian_block_eigenvalues(
         operator.release()
         model.train(was_training)
 
-    result = _collect(solvers, block_names, blocks, names, operator, history, iterations, skipped,
+    result = _collect(solvers, counts, runs, block_names, blocks, names, operator, history, skipped,
                       method, group_by, which, curvature, max_iterations, tol, seed, start)
-    failed = [block_names[b] for b, solver in solvers.items() if solver.failed]
+    failed = sorted({block_names[b] for (b, _), solver in solvers.items() if solver.failed}, key=block_names.index)
     if failed:
         log.warning(
             "Hessian: %d block(s) got NaN or infinite Hessian-vector products, so their eigenvalues are NaN; "
@@ -248,24 +258,36 @@ def hessian_block_eigenvalues(
             "Hessian: %d block(s) did not converge within %d iterations (tol %g): %s",
             len(unconverged), max_iterations, tol, ", ".join(unconverged),
         )
+    if result.disagreeing:
+        log.warning(
+            "Hessian: %d block(s) gave different eigenvalues from two independent starts; the larger magnitude is "
+            "kept, and a third seed can confirm it: %s", len(result.disagreeing), ", ".join(result.disagreeing),
+        )
     return result
 
 
 def _start_solvers(operator: HessianOperator, method: str, tol: float, which: str, seed: int,
-                   start: str) -> dict[int, PowerIteration | Lanczos]:
-    """Return one solver per block, each from its seeded random or gradient start vector."""
+                   start: str, runs: int = 1) -> dict[tuple[int, int], PowerIteration | Lanczos]:
+    """Return one solver per block and run; run 0 starts as ``start`` says, run 1 from a random vector.
+
+    Run 1's vectors are drawn after all of run 0's, so verifying leaves run 0 unchanged.
+    """
     generator = torch.Generator().manual_seed(seed)
+
+    def draw(size: int) -> torch.Tensor:
+        return torch.randn(size, generator=generator, dtype=torch.float64).to(operator.device, operator.dtype)
+
     gradients = operator.gradient() if start == "gradient" else None
-    solvers: dict[int, PowerIteration | Lanczos] = {}
-    for b, size in enumerate(operator.sizes):
-        first = torch.randn(size, generator=generator, dtype=torch.float64).to(operator.device, operator.dtype)
-        if gradients is not None:
-            first = _gradient_start(gradients[b], first)
-        if method == "power_iteration":
-            second = torch.randn(size, generator=generator, dtype=torch.float64).to(operator.device, operator.dtype)
-            solvers[b] = PowerIteration(first, tol, which, second)
-        else:
-            solvers[b] = Lanczos(first, tol, which)
+    solvers: dict[tuple[int, int], PowerIteration | Lanczos] = {}
+    for run in range(runs):
+        for b, size in enumerate(operator.sizes):
+            first = draw(size)
+            if gradients is not None and run == 0:
+                first = _gradient_start(gradients[b], first)
+            if method == "power_iteration":
+                solvers[(b, run)] = PowerIteration(first, tol, which, draw(size))
+            else:
+                solvers[(b, run)] = Lanczos(first, tol, which)
     return solvers
 
 
@@ -277,41 +299,68 @@ def _gradient_start(gradient: torch.Tensor, random: torch.Tensor) -> torch.Tenso
     return gradient / norm + _RANDOM_SHARE * random / random.norm()
 
 
-def _collect(solvers, block_names, blocks, names, operator, history, iterations, skipped,
+def _dominant(solver: PowerIteration | Lanczos, which: str, method: str) -> tuple[float, float, float, float]:
+    """Return a solver's dominant eigenvalue, its relative residual, and the largest and smallest algebraic values."""
+    if which != "extremes":
+        return solver.eigenvalue, solver.residual, math.nan, math.nan
+    if method == "power_iteration":
+        return solver.eigenvalue, solver.residual, solver.largest, solver.smallest
+    # Lanczos tracks the extremes as [smallest, largest].
+    smallest, largest = (float(value) for value in solver.tracked)
+    end = 1 if abs(largest) >= abs(smallest) else 0
+    return float(solver.tracked[end]), float(solver.tracked_residuals[end]), largest, smallest
+
+
+def _disagree(first: tuple[float, float], second: tuple[float, float], eps: float) -> bool:
+    """Whether two (value, relative residual) pairs are provably near different eigenvalues.
+
+    Some eigenvalue lies within ``r |theta|`` of a Ritz value ``theta`` with
+    relative residual ``r``; when the two intervals are disjoint, the values
+    approximate different eigenvalues. ``64 eps`` of the larger value covers
+    rounding when a residual is near zero (an exhausted Krylov space).
+    """
+    (a, ra), (b, rb) = first, second
+    if not all(math.isfinite(v) for v in (a, ra, b, rb)):
+        return False
+    return abs(a - b) > ra * abs(a) + rb * abs(b) + 64 * eps * max(abs(a), abs(b))
+
+
+def _collect(solvers, counts, runs, block_names, blocks, names, operator, history, skipped,
              method, group_by, which, curvature, max_iterations, tol, seed, start) -> HessianResult:
     count = len(blocks)
+    eigenvalues, residuals, largest, smallest, converged, iterations = [], [], [], [], [], []
+    chosen_history, verify_values, disagreeing = [], [], []
+    for b in range(count):
+        found = [_dominant(solvers[(b, run)], which, method) for run in range(runs)]
+        # Ritz values and Rayleigh quotients lie inside the spectrum, so the more extreme value is the better one.
+        best = max(range(runs), key=lambda run: abs(found[run][0]) if math.isfinite(found[run][0]) else -1.0)
+        value, residual, _, _ = found[best]
+        eigenvalues.append(value)
+        residuals.append(residual)
+        largest.append(max((f[2] for f in found if math.isfinite(f[2])), default=found[best][2]))
+        smallest.append(min((f[3] for f in found if math.isfinite(f[3])), default=found[best][3]))
+        converged.append(all(solvers[(b, run)].converged for run in range(runs)))
+        iterations.append(counts[(b, best)])
+        chosen_history.append(history[b, best])
+        if runs == 2:
+            verify_values.append(found[1][0])
+            if _disagree(found[0][:2], found[1][:2], torch.finfo(operator.dtype).eps):
+                disagreeing.append(block_names[b])
 
-    def column(attribute: str) -> torch.Tensor:
-        return torch.tensor([float(getattr(solvers[b], attribute)) for b in range(count)], dtype=torch.float64)
+    def tensor(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float64)
 
-    nan = torch.full((count,), math.nan, dtype=torch.float64)
-    if which == "extremes":
-        if method == "lanczos":
-            # Lanczos tracks the extremes as [smallest, largest].
-            smallest = torch.tensor([float(solvers[b].tracked[0]) for b in range(count)], dtype=torch.float64)
-            largest = torch.tensor([float(solvers[b].tracked[1]) for b in range(count)], dtype=torch.float64)
-            largest_dominates = largest.abs() >= smallest.abs()
-            eigenvalues = torch.where(largest_dominates, largest, smallest)
-            residuals = torch.tensor(
-                [float(solvers[b].tracked_residuals[1 if largest_dominates[b] else 0]) for b in range(count)],
-                dtype=torch.float64,
-            )
-        else:
-            largest, smallest = column("largest"), column("smallest")
-            eigenvalues, residuals = column("eigenvalue"), column("residual")
-    else:
-        eigenvalues, residuals, largest, smallest = column("eigenvalue"), column("residual"), nan, nan.clone()
     return HessianResult(
         block_names=block_names,
         block_parameters=[[names[i] for i in block] for block in blocks],
         block_sizes=list(operator.sizes),
-        eigenvalues=eigenvalues,
-        largest=largest,
-        smallest=smallest,
-        iterations=iterations,
-        residuals=residuals,
-        converged=torch.tensor([solvers[b].converged for b in range(count)]),
-        history=history,
+        eigenvalues=tensor(eigenvalues),
+        largest=tensor(largest),
+        smallest=tensor(smallest),
+        iterations=torch.tensor(iterations, dtype=torch.int64),
+        residuals=tensor(residuals),
+        converged=torch.tensor(converged),
+        history=torch.stack(chosen_history),
         skipped=skipped,
         method=method,
         group_by=group_by,
@@ -322,4 +371,8 @@ def _collect(solvers, block_names, blocks, names, operator, history, iterations,
         num_samples=operator.num_samples,
         seed=seed,
         start=start,
+        products=operator.products,
+        verify=runs == 2,
+        verify_eigenvalues=tensor(verify_values) if runs == 2 else None,
+        disagreeing=disagreeing if runs == 2 else None,
     )
