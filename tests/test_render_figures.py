@@ -167,6 +167,22 @@ def test_eigenvalue_legend_only_with_negatives():
     plt.close("all")
 
 
+def test_second_start_marked_and_disagreement_in_title():
+    results = hessian_results([3.0, 0.5, 12.0])
+    results["hessian"]["verify_eigenvalues"] = np.array([3.0, 0.3, 12.0])
+    results["hessian"]["disagree"] = np.array([False, True, False])
+    axis = hessian_figures(results)["hessian_eigenvalues"].axes[0]
+    markers = axis.collections[0].get_offsets()
+    np.testing.assert_array_equal(markers[:, 0], [3.0, 0.3, 12.0])
+    assert legend_names(axis) == ["second start"]
+    assert axis.get_title().endswith("; starts disagree on 1")
+    plt.close("all")
+
+    plain = hessian_figures(hessian_results([3.0, 0.5, 12.0]))["hessian_eigenvalues"].axes[0]
+    assert not plain.collections and "disagree" not in plain.get_title()
+    plt.close("all")
+
+
 def test_convergence_legend_outside_axes():
     figure = hessian_figures(hessian_results([1.0, 2.0, 3.0]))["hessian_convergence"]
     figure.canvas.draw()

@@ -62,6 +62,9 @@ def block_eigenvalues_figure(results: Results, symlog: bool | None = None):
     values = np.asarray(group["eigenvalues"], dtype=np.float64)
     converged = np.asarray(group["converged"], dtype=bool)
     smallest = np.asarray(group.get("smallest", np.full(len(names), np.nan)), dtype=np.float64)
+    # present when the job verified each block from a second start
+    second = np.asarray(group.get("verify_eigenvalues", np.full(len(names), np.nan)), dtype=np.float64)
+    disagree = np.asarray(group.get("disagree", np.zeros(len(names), dtype=bool)), dtype=bool)
 
     figure, axis = plt.subplots(figsize=(6.5, 0.8 + 0.22 * len(names)), constrained_layout=True)
     positions = np.arange(len(names))
@@ -72,9 +75,11 @@ def block_eigenvalues_figure(results: Results, symlog: bool | None = None):
         bar.set_hatch(hatch)
     if np.isfinite(smallest).any():
         axis.scatter(smallest, positions, marker="|", s=90, color="k", zorder=3, label="smallest algebraic")
+    if np.isfinite(second).any():
+        axis.scatter(second, positions, marker="x", s=20, color="k", linewidths=0.8, zorder=3, label="second start")
     axis.set_yticks(positions, names)
     axis.invert_yaxis()
-    shown = np.concatenate([values, smallest])
+    shown = np.concatenate([values, smallest, second])
     if symlog if symlog is not None else _wants_symlog(shown):
         finite = np.abs(shown[np.isfinite(shown)])
         # a linear range of 1e-4 times the largest value keeps near-zero eigenvalues from adding empty decades
@@ -84,14 +89,15 @@ def block_eigenvalues_figure(results: Results, symlog: bool | None = None):
     handles = []
     if (values < 0).any():  # with one sign only, the colours need no key
         handles += [Patch(color=POSITIVE, label="positive"), Patch(facecolor=NEGATIVE, hatch="//", label="negative")]
-    if np.isfinite(smallest).any():
-        handles += axis.get_legend_handles_labels()[0]
+    handles += axis.get_legend_handles_labels()[0]  # the markers drawn above
     if handles:
         axis.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     title = f"Per-block Hessian eigenvalues ({attrs.get('method')})"
     not_converged = int((~converged).sum())
     if not_converged:
         title += f"; {not_converged} not converged (outlined)"
+    if disagree.any():
+        title += f"; starts disagree on {int(disagree.sum())}"
     axis.set_title(title)
     return figure
 
