@@ -37,7 +37,7 @@ def run(model, batches):
     top = hessian_top_eigenvalues(model, batches, loss_fn, k=3, max_iterations=40, tol=1e-10, progress=False)
     trace = hessian_trace(model, batches, loss_fn, max_probes=20, progress=False)
     return {"blocks": blocks.eigenvalues, "iterations": blocks.iterations,
-            "verify": verified.verify_eigenvalues, "top": top.eigenvalues,
+            "verify": verified.eigenvalues_by_start, "top": top.eigenvalues,
             "trace": trace.samples, "num_samples": blocks.num_samples}
 
 

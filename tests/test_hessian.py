@@ -512,13 +512,14 @@ def test_verify_catches_a_start_stuck_on_the_second_eigenvalue(method, caplog):
     single = hessian_block_eigenvalues(model, batches, loss_fn, **options)
     # The start is almost the eigenvector of 0.99, so its residual is small and it stops there.
     assert single.eigenvalues[0] == pytest.approx(0.99, rel=1e-3)
-    assert single.verify_eigenvalues is None and single.disagreeing is None
+    assert single.eigenvalues_by_start is None and single.disagreeing is None
 
     with caplog.at_level(logging.WARNING, logger="vizpipe.analyses.hessian"):
         checked = hessian_block_eigenvalues(model, batches, loss_fn, verify=True, **options)
     assert checked.verify and checked.disagreeing == ["w"]
     assert checked.eigenvalues[0] == pytest.approx(1.0, rel=2e-3)
-    assert checked.eigenvalues[0] == checked.verify_eigenvalues[0]
+    assert checked.eigenvalues_by_start[0, 0] == pytest.approx(0.99, rel=1e-3)
+    assert checked.eigenvalues[0] == checked.eigenvalues_by_start[0, 1]
     assert "two independent starts" in caplog.text and ": w" in caplog.text
 
 
@@ -530,6 +531,8 @@ def test_verify_agrees_on_exact_blocks(tiny_problem, method):
     checked = hessian_block_eigenvalues(model, [(x, y)], nn.CrossEntropyLoss(), verify=True, **options)
     assert checked.disagreeing == []
     rel = 1e-6 if method == "lanczos" else 1e-3
-    for name, value, second in zip(checked.block_names, checked.eigenvalues.tolist(), checked.verify_eigenvalues.tolist()):
+    for name, value, (first, second) in zip(checked.block_names, checked.eigenvalues.tolist(),
+                                            checked.eigenvalues_by_start.tolist()):
         assert value == pytest.approx(exact[name], rel=rel), name
+        assert first == pytest.approx(exact[name], rel=rel), name
         assert second == pytest.approx(exact[name], rel=rel), name

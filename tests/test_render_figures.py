@@ -169,12 +169,12 @@ def test_eigenvalue_legend_only_with_negatives():
 
 def test_second_start_marked_and_disagreement_in_title():
     results = hessian_results([3.0, 0.5, 12.0])
-    results["hessian"]["verify_eigenvalues"] = np.array([3.0, 0.3, 12.0])
+    results["hessian"]["eigenvalues_by_start"] = np.array([[3.0, 3.0], [0.3, 0.5], [12.0, 11.0]])
     results["hessian"]["disagree"] = np.array([False, True, False])
     axis = hessian_figures(results)["hessian_eigenvalues"].axes[0]
     markers = axis.collections[0].get_offsets()
-    np.testing.assert_array_equal(markers[:, 0], [3.0, 0.3, 12.0])
-    assert legend_names(axis) == ["second start"]
+    np.testing.assert_array_equal(markers[:, 0], [3.0, 0.3, 11.0])
+    assert legend_names(axis) == ["other start"]
     assert axis.get_title().endswith("; starts disagree on 1")
     plt.close("all")
 

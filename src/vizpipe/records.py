@@ -108,7 +108,7 @@ def hessian_records(
             "history": blocks.history,
         }
         if blocks.verify:
-            datasets["verify_eigenvalues"] = blocks.verify_eigenvalues
+            datasets["eigenvalues_by_start"] = blocks.eigenvalues_by_start
             datasets["disagree"] = torch.tensor([name in blocks.disagreeing for name in blocks.block_names])
         attrs = {
             "method": blocks.method,

@@ -45,7 +45,15 @@ class HessianResult:
     extremes, NaN unless ``which="extremes"``. ``residuals`` are
     ``||H v - lambda v|| / |lambda|`` for the dominant eigenpair (0 for a zero
     block). ``history[b, k]`` is the estimate after product ``k + 1``, NaN after
-    the block stopped.
+    the block stopped. ``products`` counts every Hessian-vector product spent.
+
+    With ``verify``, ``eigenvalues_by_start[b]`` holds block ``b``'s dominant
+    eigenvalue from its ``start`` vector and from a second, independent random
+    start, and ``disagreeing`` names the blocks whose two values lie too far
+    apart to be the same eigenvalue. ``eigenvalues`` (and ``largest``,
+    ``smallest``) then keep the value of larger magnitude (the more extreme
+    one), and ``iterations``, ``residuals`` and ``history`` belong to the start
+    that found it.
     """
 
     block_names: list[str]
@@ -70,7 +78,7 @@ class HessianResult:
     start: str = "gradient"
     products: int = 0
     verify: bool = False
-    verify_eigenvalues: torch.Tensor | None = None
+    eigenvalues_by_start: torch.Tensor | None = None
     disagreeing: list[str] | None = None
 
     @property
@@ -329,7 +337,7 @@ def _collect(solvers, counts, runs, block_names, blocks, names, operator, histor
              method, group_by, which, curvature, max_iterations, tol, seed, start) -> HessianResult:
     count = len(blocks)
     eigenvalues, residuals, largest, smallest, converged, iterations = [], [], [], [], [], []
-    chosen_history, verify_values, disagreeing = [], [], []
+    chosen_history, by_start, disagreeing = [], [], []
     for b in range(count):
         found = [_dominant(solvers[(b, run)], which, method) for run in range(runs)]
         # Ritz values and Rayleigh quotients lie inside the spectrum, so the more extreme value is the better one.
@@ -343,7 +351,7 @@ def _collect(solvers, counts, runs, block_names, blocks, names, operator, histor
         iterations.append(counts[(b, best)])
         chosen_history.append(history[b, best])
         if runs == 2:
-            verify_values.append(found[1][0])
+            by_start.append([found[0][0], found[1][0]])
             if _disagree(found[0][:2], found[1][:2], torch.finfo(operator.dtype).eps):
                 disagreeing.append(block_names[b])
 
@@ -373,6 +381,6 @@ def _collect(solvers, counts, runs, block_names, blocks, names, operator, histor
         start=start,
         products=operator.products,
         verify=runs == 2,
-        verify_eigenvalues=tensor(verify_values) if runs == 2 else None,
+        eigenvalues_by_start=tensor(by_start) if runs == 2 else None,
         disagreeing=disagreeing if runs == 2 else None,
     )

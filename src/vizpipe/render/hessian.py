@@ -63,7 +63,9 @@ def block_eigenvalues_figure(results: Results, symlog: bool | None = None):
     converged = np.asarray(group["converged"], dtype=bool)
     smallest = np.asarray(group.get("smallest", np.full(len(names), np.nan)), dtype=np.float64)
     # present when the job verified each block from a second start
-    second = np.asarray(group.get("verify_eigenvalues", np.full(len(names), np.nan)), dtype=np.float64)
+    by_start = np.asarray(group.get("eigenvalues_by_start", np.full((len(names), 2), np.nan)), dtype=np.float64)
+    # the start whose value is not the bar's: at the bar's end when the two agree
+    other = np.where(by_start[:, 0] == values, by_start[:, 1], by_start[:, 0])
     disagree = np.asarray(group.get("disagree", np.zeros(len(names), dtype=bool)), dtype=bool)
 
     figure, axis = plt.subplots(figsize=(6.5, 0.8 + 0.22 * len(names)), constrained_layout=True)
@@ -75,11 +77,11 @@ def block_eigenvalues_figure(results: Results, symlog: bool | None = None):
         bar.set_hatch(hatch)
     if np.isfinite(smallest).any():
         axis.scatter(smallest, positions, marker="|", s=90, color="k", zorder=3, label="smallest algebraic")
-    if np.isfinite(second).any():
-        axis.scatter(second, positions, marker="x", s=20, color="k", linewidths=0.8, zorder=3, label="second start")
+    if np.isfinite(other).any():
+        axis.scatter(other, positions, marker="x", s=20, color="k", linewidths=0.8, zorder=3, label="other start")
     axis.set_yticks(positions, names)
     axis.invert_yaxis()
-    shown = np.concatenate([values, smallest, second])
+    shown = np.concatenate([values, smallest, other])
     if symlog if symlog is not None else _wants_symlog(shown):
         finite = np.abs(shown[np.isfinite(shown)])
         # a linear range of 1e-4 times the largest value keeps near-zero eigenvalues from adding empty decades
