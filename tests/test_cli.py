@@ -267,7 +267,7 @@ def test_added_key_with_typo_rejected(tmp_path):
     ("analysis=[landscpe]", ["unknown analysis 'landscpe'", "Closest valid names: landscape."]),
     ("+experiment=landscape_resnt8", ["unknown experiment 'landscape_resnt8'", "landscape_resnet8"]),
     ("analysis.landscape.resolution=many", ["invalid analysis.landscape.resolution 'many': expected an integer"]),
-    ("analysis.hessian.start=null", ["invalid analysis.hessian.start 'null': expected a string"]),
+    ("analysis.hessian.method=null", ["invalid analysis.hessian.method 'null': expected a string"]),
 ])
 def test_misspelt_override_rejected_before_hydra(tmp_path, override, fragments):
     completed = run_cli([f"hydra.run.dir={tmp_path}/run", override], cwd=tmp_path)
@@ -279,7 +279,7 @@ def test_misspelt_override_rejected_before_hydra(tmp_path, override, fragments):
 @pytest.mark.parametrize("override, message", [
     ("analysis.hessian.tol=abc", "invalid analysis.hessian.tol 'abc': expected a number"),
     ("analysis.hessian.max_iterations=1.5", "invalid analysis.hessian.max_iterations '1.5': expected an integer"),
-    ("analysis.hessian.start=[gradient]", "invalid analysis.hessian.start '[gradient]': expected a string"),
+    ("analysis.hessian.method=[lanczos]", "invalid analysis.hessian.method '[lanczos]': expected a string"),
     ("progress=maybe", "invalid progress 'maybe': expected true or false"),
     ("analysis.hessian.tol=1e-3", None),
     ("analysis.hessian.max_iterations=5,10", None),  # a sweep: each job's value is checked by Hydra

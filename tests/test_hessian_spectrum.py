@@ -233,7 +233,7 @@ def test_results_file_roundtrip_and_figures(mlp_problem, tmp_path):
     np.testing.assert_array_equal(group["density"]["weights"], density.weights.numpy())
     assert results.group_attrs["hessian/trace"]["trace"] == trace.trace
     assert results.group_attrs["hessian"]["which"] == "extremes"
-    assert results.group_attrs["hessian"]["start"] == "gradient"
+    assert not results.group_attrs["hessian"]["verify"]
 
     metrics = records.hessian_metrics(blocks, top, trace)
     assert metrics["hessian/top_k/2"] == float(top.eigenvalues[1])

@@ -72,7 +72,6 @@ class HessianConfig:
     method: str = "power_iteration"  # power_iteration | lanczos
     max_iterations: int = 100  # Hessian-vector products per block at most (per phase for power_iteration extremes)
     tol: float = 1e-4  # relative change of the estimate that stops a block
-    start: str = "gradient"  # gradient (each block's gradient plus a little noise) | random
     verify: bool = False  # also run every block from an independent random start (twice the products)
     group_by: str = "parameter"  # parameter | module
     curvature: str = "hessian"  # hessian | ggn (generalized Gauss-Newton, positive semi-definite)

@@ -119,7 +119,6 @@ def hessian_records(
             "tol": blocks.tol,
             "num_samples": blocks.num_samples,
             "seed": blocks.seed,
-            "start": blocks.start,
             "verify": blocks.verify,
             "products": blocks.products,
             "skipped": blocks.skipped,

@@ -42,7 +42,7 @@ from vizpipe.analyses.directions import (
     state_entries,
     target_directions,
 )
-from vizpipe.analyses.hessian import STARTS, select_parameters
+from vizpipe.analyses.hessian import select_parameters
 from vizpipe.analyses.hessian_spectrum import (
     TOP_K_METHODS,
     eigenvector_directions,
@@ -231,7 +231,6 @@ def _validate_hessian(hess: DictConfig, require) -> None:
     require(hess.group_by in ("parameter", "module"), f"{prefix}.group_by {hess.group_by!r}; use parameter or module")
     require(hess.curvature in ("hessian", "ggn"), f"{prefix}.curvature {hess.curvature!r}; use hessian or ggn")
     require(hess.which in ("magnitude", "extremes"), f"{prefix}.which {hess.which!r}; use magnitude or extremes")
-    require(hess.start in STARTS, f"{prefix}.start {hess.start!r}; use {' or '.join(STARTS)}")
     require(hess.top_k_method in TOP_K_METHODS, f"{prefix}.top_k_method {hess.top_k_method!r}; use {' or '.join(TOP_K_METHODS)}")
     for key in ("max_iterations", "top_k_max_iterations", "density_runs", "density_steps"):
         require(hess[key] >= 1, f"{prefix}.{key} {hess[key]}: it must be at least 1")
@@ -921,8 +920,7 @@ def _run_hessian(options, cfg, model, dataset, loss_fn, x_eval, y_eval, results_
     if options.blocks:
         blocks = hessian_block_eigenvalues(
             model, mine, loss_fn, method=options.method, max_iterations=options.max_iterations, tol=options.tol,
-            group_by=options.group_by, which=options.which, start=options.start,
-            verify=options.verify, **common,
+            group_by=options.group_by, which=options.which, verify=options.verify, **common,
         )
         if blocks.skipped:
             log.info("Hessian: skipped frozen parameters %s", ", ".join(blocks.skipped))

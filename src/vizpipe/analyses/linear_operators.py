@@ -112,24 +112,6 @@ class HessianOperator:
         (curved,) = torch.autograd.grad(output_gradient, outputs, jacobian_vector, retain_graph=True)
         return list(torch.autograd.grad(outputs, parameters, curved, retain_graph=True, allow_unused=True))
 
-    def gradient(self) -> list[torch.Tensor]:
-        """Return the gradient of the mean loss, one flat vector per block, summed over batches and ranks."""
-        total = [torch.zeros(size, dtype=self.dtype, device=self.device) for size in self.sizes]
-        for inputs, targets in self.batches:
-            weight = inputs.shape[0] / self.num_samples
-            with torch.enable_grad():
-                if self.curvature == "hessian" and len(self.batches) == 1:
-                    gradients = self._gradients(inputs, targets)  # built once, reused by every product
-                else:
-                    loss = self.loss_fn(self.model(inputs), targets)
-                    gradients = torch.autograd.grad(loss, self.parameters, allow_unused=True)
-            for b in range(len(self.blocks)):
-                total[b] += weight * self._flatten(b, [gradients[i] for i in self.blocks[b]])
-        if distributed.is_initialized():
-            for flat in total:
-                distributed.all_reduce_sum(flat)
-        return total
-
     def split(self, block: int, vector: torch.Tensor) -> list[torch.Tensor]:
         """View a flat block vector as one tensor per parameter of the block."""
         pieces = vector.split([self.parameters[i].numel() for i in self.blocks[block]])
