@@ -133,7 +133,8 @@ def test_verify_stores_both_starts(tmp_path):
         assert bool(group.attrs["verify"]) is True
         values, by_start = group["eigenvalues"][()], group["eigenvalues_by_start"][()]
         residuals, disagree = group["residuals"][()], group["disagree"][()]
-    assert values.shape == disagree.shape == (4,) and by_start.shape == (4, 2)
+    assert values.shape == disagree.shape == (4,)
+    assert by_start.shape == (4, 2)
     kept = np.where(np.abs(by_start[:, 0]) >= np.abs(by_start[:, 1]), by_start[:, 0], by_start[:, 1])
     np.testing.assert_array_equal(values, kept, "the more extreme value is kept")
     assert np.all(np.isfinite(residuals))

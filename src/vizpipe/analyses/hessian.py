@@ -264,9 +264,9 @@ def _start_solvers(operator: HessianOperator, method: str, tol: float, which: st
 
     Run 1's vectors are drawn after all of run 0's, so verifying leaves run 0
     unchanged. Starting from the block's gradient (plus a little noise) took
-    10% to 17% fewer products, but on the last layer of the trained digits
-    CNN it stopped at 11.06 instead of 12.48 for every seed: there the
-    gradient is nearly orthogonal to the dominant eigenvector.
+    10% to 17% fewer products. But on the last layer of the trained digits
+    CNN it stopped at 11.06 instead of 12.48 for every seed, because there
+    the gradient is nearly orthogonal to the dominant eigenvector.
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -297,10 +297,10 @@ def _dominant(solver: PowerIteration | Lanczos, which: str, method: str) -> tupl
 
 
 def _disagree(first: tuple[float, float], second: tuple[float, float], eps: float) -> bool:
-    """Whether two (value, relative residual) pairs are provably near different eigenvalues.
+    """Test whether two (value, relative residual) pairs are provably near different eigenvalues.
 
     Some eigenvalue lies within ``r |theta|`` of a Ritz value ``theta`` with
-    relative residual ``r``; when the two intervals are disjoint, the values
+    relative residual ``r``. When the two intervals are disjoint, the values
     approximate different eigenvalues. ``64 eps`` of the larger value covers
     rounding when a residual is near zero (an exhausted Krylov space).
     """

@@ -122,7 +122,7 @@ class HessianOperator:
         return dict(zip(vectors, self.matvec_pairs(list(vectors.items()))))
 
     def matvec_pairs(self, requests: Sequence[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
-        """Return ``H_bb v`` for each ``(b, v)`` request, one pass over the data; a block may repeat."""
+        """Return ``H_bb v`` for each ``(b, v)`` request in one pass over the data. A block may repeat."""
         products = [torch.zeros(self.sizes[b], dtype=self.dtype, device=self.device) for b, _ in requests]
         for inputs, targets in self.batches:
             weight = inputs.shape[0] / self.num_samples
