@@ -4,9 +4,9 @@ On ResNet-8 (29 parameter tensors) with CIFAR-shaped inputs, one run measures:
 
 1. a long Lanczos run per block from random start vectors, the reference
    eigenvalues;
-2. vizpipe (lockstep Lanczos from each block's gradient, one gradient graph
+2. vizpipe (lockstep Lanczos from random start vectors, one gradient graph
    reused for every product, blocks stopping on their own): products, time
-   (the gradient pass included) and the worst relative error;
+   and the worst relative error;
 3. the plain loop: for each block in turn, power iteration that rebuilds the
    gradient graph for every product and stops as soon as its estimate is within
    ``--accuracy`` of the reference (an oracle stop, which favours the loop), or
@@ -204,7 +204,7 @@ def main() -> None:
     print("reference: long Lanczos run ...", file=sys.stderr)
     reference_run = hessian_block_eigenvalues(model, [(x, y)], loss_fn, method="lanczos",
                                               max_iterations=args.reference_iterations, tol=args.reference_tol, seed=7,
-                                              start="random", progress=False)
+                                              progress=False)
     reference = dict(zip(reference_run.block_names, reference_run.eigenvalues.tolist()))
     report["reference"] = {"products": int(reference_run.iterations.sum()),
                            "max_residual": float(reference_run.residuals.max()),
