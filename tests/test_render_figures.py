@@ -15,7 +15,7 @@ from vizpipe.config import FigureSpecConfig, PrintStyleConfig
 from vizpipe.render import render_results
 from vizpipe.render.activation_maximization import render_activation_maximization
 from vizpipe.render.figures import MANIFEST
-from vizpipe.render.hessian import hessian_figures
+from vizpipe.render.hessian import DISAGREE, hessian_figures
 from vizpipe.render.landscape import landscape_figures
 from vizpipe.render.paper import Panel, _activation_maximization, _landscapes, print_style
 
@@ -172,10 +172,14 @@ def test_second_start_marked_and_disagreement_in_title():
     results["hessian"]["eigenvalues_by_start"] = np.array([[3.0, 3.0], [0.3, 0.5], [12.0, 11.0]])
     results["hessian"]["disagree"] = np.array([False, True, False])
     axis = hessian_figures(results)["hessian_eigenvalues"].axes[0]
-    markers = axis.collections[0].get_offsets()
-    np.testing.assert_array_equal(markers[:, 0], [3.0, 0.3, 11.0])
-    assert legend_names(axis) == ["other start"]
-    assert axis.get_title().endswith("; starts disagree on 1")
+    agreeing, disagreeing = (collection.get_offsets() for collection in axis.collections)
+    np.testing.assert_array_equal(agreeing[:, 0], [3.0, 11.0])
+    np.testing.assert_array_equal(disagreeing[:, 0], [0.3])
+    assert legend_names(axis) == ["other start", "other start, disagrees"]
+    label_colors = [label.get_color() for label in axis.get_yticklabels()]
+    assert label_colors[1] == DISAGREE
+    assert DISAGREE not in (label_colors[0], label_colors[2])
+    assert axis.get_title().endswith("; starts disagree on 1 (names in colour)")
     plt.close("all")
 
     plain = hessian_figures(hessian_results([3.0, 0.5, 12.0]))["hessian_eigenvalues"].axes[0]

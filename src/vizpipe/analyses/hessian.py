@@ -48,7 +48,7 @@ class HessianResult:
     be the same eigenvalue. ``eigenvalues`` (and ``largest``, ``smallest``)
     then keep the value of larger magnitude (the more extreme one), and
     ``iterations``, ``residuals`` and ``history`` belong to the start that
-    found it.
+    found it. ``converged`` requires both starts to converge.
     """
 
     block_names: list[str]

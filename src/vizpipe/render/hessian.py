@@ -19,6 +19,7 @@ from vizpipe.store import Results
 log = logging.getLogger(__name__)
 
 POSITIVE, NEGATIVE = "#0072b2", "#d55e00"  # colour-blind safe blue and vermillion
+DISAGREE = "#cc79a7"  # reddish purple of the same palette (Okabe and Ito)
 LEGEND_BLOCKS = 10  # convergence curves beyond this many share a colormap instead of a legend
 LABELLED_BLOCKS = 3  # with a colormap, the curves named at their end
 
@@ -78,8 +79,15 @@ def block_eigenvalues_figure(results: Results, symlog: bool | None = None):
     if np.isfinite(smallest).any():
         axis.scatter(smallest, positions, marker="|", s=90, color="k", zorder=3, label="smallest algebraic")
     if np.isfinite(other).any():
-        axis.scatter(other, positions, marker="x", s=20, color="k", linewidths=0.8, zorder=3, label="other start")
+        # clip_on=False keeps a marker at the axis edge whole
+        for rows, color, label in ((~disagree, "k", "other start"), (disagree, DISAGREE, "other start, disagrees")):
+            if rows.any():
+                axis.scatter(other[rows], positions[rows], marker="x", s=20, color=color, linewidths=0.8, zorder=3,
+                             clip_on=False, label=label)
     axis.set_yticks(positions, names)
+    for label, flagged in zip(axis.get_yticklabels(), disagree):
+        if flagged:
+            label.set_color(DISAGREE)
     axis.invert_yaxis()
     shown = np.concatenate([values, smallest, other])
     if symlog if symlog is not None else _wants_symlog(shown):
@@ -99,7 +107,7 @@ def block_eigenvalues_figure(results: Results, symlog: bool | None = None):
     if not_converged:
         title += f"; {not_converged} not converged (outlined)"
     if disagree.any():
-        title += f"; starts disagree on {int(disagree.sum())}"
+        title += f"; starts disagree on {int(disagree.sum())} (names in colour)"
     axis.set_title(title)
     return figure
 
