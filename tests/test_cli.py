@@ -268,6 +268,8 @@ def test_added_key_with_typo_rejected(tmp_path):
     ("+experiment=landscape_resnt8", ["unknown experiment 'landscape_resnt8'", "landscape_resnet8"]),
     ("analysis.landscape.resolution=many", ["invalid analysis.landscape.resolution 'many': expected an integer"]),
     ("analysis.hessian.method=null", ["invalid analysis.hessian.method 'null': expected a string"]),
+    ("model=null", ["invalid model 'null': choose from", "small_cnn"]),
+    ("analysis=[landscape,null]", ["invalid analysis 'null': choose from", "hessian"]),
 ])
 def test_misspelt_override_rejected_before_hydra(tmp_path, override, fragments):
     completed = run_cli([f"hydra.run.dir={tmp_path}/run", override], cwd=tmp_path)

@@ -105,9 +105,10 @@ def group_selections(key: str, value: str) -> list[list[str]] | None:
 
     Hydra's override parser reads the value, so quoted names (``model='mlp'``)
     and sweeps over lists (``analysis=[landscape],[hessian]``) are read as Hydra
-    reads them. A ``null`` name is dropped. Return None for a value these checks
-    cannot read: an interpolation, a sweep function such as ``glob(...)``,
-    ``range(...)`` or ``choice(...)``, a dict, or a syntax error that Hydra reports.
+    reads them. A ``null`` name comes back as ``"null"``. Return None for a
+    value these checks cannot read: an interpolation, a sweep function such as
+    ``glob(...)``, ``range(...)`` or ``choice(...)``, a dict, or a syntax error
+    that Hydra reports.
     """
     if "${" in value:
         return None
@@ -129,7 +130,7 @@ def group_selections(key: str, value: str) -> list[list[str]] | None:
             return None
         # Hydra unquotes a plain value but keeps QuotedString items in a sweep's values.
         texts = [item.text if isinstance(item, QuotedString) else item for item in items]
-        selections.append([str(text) for text in texts if text is not None])
+        selections.append(["null" if text is None else str(text) for text in texts])
     return selections
 
 
@@ -156,6 +157,9 @@ def check_overrides(arguments: list[str]) -> str | None:
             options = group_options(key)
             selections = group_selections(key, value) or []
             for name in (name for names in selections for name in names):
+                if name == "null":
+                    # Hydra fails on a null group option with a traceback from its defaults list.
+                    return f"invalid {key} 'null': choose from {', '.join(options)}"
                 if name not in options:
                     return f"unknown {key} {name!r}. {suggest(name, options)} Run vizpipe --help to list every option"
             continue
