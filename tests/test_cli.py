@@ -249,6 +249,8 @@ def test_resnet8_presets_run_on_digits(tmp_path, experiment):
         else:
             assert handle["hessian/eigenvalues"].shape == (29,)
             assert handle["hessian/converged"][()].all()
+            assert handle["hessian"].attrs["verify"]
+            assert handle["hessian/eigenvalues_by_start"].shape == (29, 2)
 
 
 def test_added_key_with_typo_rejected(tmp_path):
