@@ -160,7 +160,7 @@ def test_interrupt_stops_cleanly_and_keeps_partial_points(tmp_path, compile_opti
     assert process.poll() is None, "the job ended before it could be interrupted"
     process.send_signal(stop_signal)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130
+    assert process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr
     assert "interrupted" in stderr
     assert "to resume" in stderr

@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from vizpipe import interrupts
 from vizpipe.config import register_configs
 from vizpipe.errors import VizpipeError
 from vizpipe.overrides import check_overrides, group_options, group_selections
@@ -95,10 +95,6 @@ def _swept_keys(overrides: list[str]) -> set[str]:
     return swept
 
 
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _run(cfg: DictConfig) -> None:
     from vizpipe.runner import ANALYSIS_ORDER, run_job
@@ -117,7 +113,7 @@ def _run(cfg: DictConfig) -> None:
     log.info("Run folder: %s", run_dir)
     # A scheduler's SIGTERM (SLURM at its time limit, say) stops the job like
     # Ctrl-C: partial results are kept and the MLflow run ends as KILLED.
-    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous_handlers = interrupts.install()
     try:
         summary = run_job(cfg, run_dir, run_name=run_name, sweep=sweep)
     except VizpipeError as error:
@@ -131,7 +127,7 @@ def _run(cfg: DictConfig) -> None:
         )
         sys.exit(130)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        interrupts.restore(previous_handlers)
     print(summary_table(summary))
     if summary.run_id:
         print(f"browse it with: mlflow ui --backend-store-uri {summary.tracking_uri}")

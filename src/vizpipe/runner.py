@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vizpipe import distributed, records, store
+from vizpipe import distributed, interrupts, records, store
 from vizpipe.analyses import (
     activation_maximization,
     conv_kernels,
@@ -888,11 +888,17 @@ def _run_landscape(options, cfg, model, dataset, loss_fn, x_eval, y_eval, result
 
     writer = store.PointWriter(results_path, "landscape") if distributed.is_main() else contextlib.nullcontext()
     with writer as point_writer:
+
+        def on_point(index, loss, accuracy):
+            if point_writer is not None:
+                point_writer.write(index, loss, accuracy)
+            interrupts.raise_if_requested()
+
         result = loss_landscape(
             model, eval_batches, loss_fn, noise_range=noise_range,
             resolution=options.resolution, dims=options.dims, y_range=y_range, directions=directions,
             compile=compile_option, channels_last=channels_last, progress=cfg.progress, resume=state,
-            on_point=point_writer.write if point_writer is not None else None,
+            on_point=on_point,
             on_start=(lambda chosen: store.write_group_attrs(results_path, "landscape", chosen)) if distributed.is_main() else None,
         )
     metrics = records.landscape_metrics(result, options.summary_radius)
