@@ -64,8 +64,7 @@ def main() -> None:
     x, y = data.x_test[: args.inputs], data.y_test[: args.inputs]
     loss_fn = nn.CrossEntropyLoss()
     variants = {"one start": {}, "verified": {"verify": True}}
-    totals = {name: {"blocks": 0, "products": 0, "misses": 0, "flagged": 0}
-              for name in variants}
+    totals = {name: {"blocks": 0, "products": 0, "misses": 0, "flagged": 0} for name in variants}
     misses = []
     for seed in range(args.seeds):
         for label, model in models(seed, data):

@@ -195,7 +195,7 @@ def hessian_block_eigenvalues(
             (twice the products) and name the blocks where the two runs found
             different eigenvalues. One start vector can converge to a smaller
             eigenvalue when it happens to be nearly orthogonal to the dominant
-            eigenvector; ``scripts/bench_hessian_starts.py`` measures how often.
+            eigenvector. ``scripts/bench_hessian_starts.py`` measures how often.
 
     Example::
 
